@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddscore_jax.converters._common import ImportedModel
+
 from ddscore_jax.errors import InputError
 
 TORCH_SUFFIXES = (".pth", ".pt")

@@ -9,8 +9,8 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-
 from ddscore_jax.converters._common import ImportedModel, detect_arch, fold_bn, split_backbone
+
 from ddscore_jax.errors import InputError
 
 # Where training scripts commonly nest the state_dict inside a checkpoint dict.
@@ -61,7 +61,7 @@ def from_state_dict(sd: dict[str, np.ndarray], source: str) -> ImportedModel:
         try:
             stats = [sd[f"{bn}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")]
         except KeyError as e:
-            raise InputError(f"{source}: BatchNorm parameter {e.args[0]} missing for {conv}") from None
+            raise InputError(f"{source}: BatchNorm {e.args[0]} missing for {conv}") from None
         name = conv.removesuffix(".0")  # layerX.Y.downsample.0 -> layerX.Y.downsample
         flat[f"{name}.kernel"], flat[f"{name}.bias"] = fold_bn(
             sd[f"{conv}.weight"], sd.get(f"{conv}.bias"), *stats, BN_EPS

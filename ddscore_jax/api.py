@@ -1,5 +1,153 @@
-"""Public entry points (filled in below)."""
+"""The public entry points: :func:`extract`, :func:`score`, :func:`rank`. The CLI calls these."""
 
-def extract(*a, **k): raise NotImplementedError
-def rank(*a, **k): raise NotImplementedError
-def score(*a, **k): raise NotImplementedError
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ddscore_jax import cache, data, zoo
+from ddscore_jax.errors import InputError
+from ddscore_jax.extract import (
+    SCORE_BLOCKS,
+    LoadedModel,
+    Progress,
+    extract_features,
+    load_features,
+    save_features,
+)
+from ddscore_jax.score import RCOND, ModelScore, precision_for, score_models
+
+
+@dataclass
+class Ranking:
+    """Models ranked best first, with the data set and every setting that changed the numbers."""
+
+    models: list[ModelScore]
+    dataset: dict
+    settings: dict
+    cached: list[str] = field(default_factory=list)  # models whose features came from the cache
+
+    def to_json(self) -> dict:
+        return {
+            "models": [
+                {"name": m.name, "rank": i + 1, "score": m.score, "block_scores": m.block_scores}
+                for i, m in enumerate(self.models)
+            ],
+            "dataset": self.dataset,
+            "settings": self.settings,
+        }
+
+
+def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[LoadedModel]]:
+    """Every model of a zoo with its parameters. InputError for a missing or empty zoo."""
+    entries = zoo.read_nonempty(zoo_dir)
+    return entries, [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e in entries]
+
+
+def _settings(train_fraction: float, seed: int, image_size: int | None, precision: str) -> dict:
+    settings = {"train_fraction": train_fraction, "seed": seed, "image_size": image_size,
+                "blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision}
+    if image_size is None:  # scoring saved features: the image size is not ours to know
+        del settings["image_size"]
+    return settings
+
+
+def _check_options(train_fraction: float, image_size: int) -> None:
+    if not 0.0 < train_fraction <= 1.0:
+        raise InputError(f"--train-fraction must be in (0, 1], got {train_fraction}")
+    if image_size < 32:
+        raise InputError(f"--image-size must be at least 32 (5 stride-2 steps), got {image_size}")
+
+
+def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
+            batch_size: int = 32, image_size: int = 224,
+            progress: Progress | None = None) -> list[Path]:
+    """Write ``out/<model>.npz`` (SPEC 2) for every zoo model. Returns the files written."""
+    _check_options(0.8, image_size)
+    dataset = data.scan(data_root)
+    _, models = load_zoo(zoo_dir)
+    feats = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
+                             progress=progress)
+    written = []
+    for m, f in zip(models, feats, strict=True):
+        path = Path(out) / f"{m.name}.npz"
+        save_features(path, f, dataset)
+        written.append(path)
+    return written
+
+
+def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: int = 0,
+          precision: str | None = None) -> Ranking:
+    """D-deepscore of every ``*.npz`` feature file in ``feats_dir`` (all from one data set)."""
+    _check_options(train_fraction, 224)
+    feats_dir = Path(feats_dir)
+    if not feats_dir.is_dir():
+        raise InputError(f"{feats_dir}: feature folder does not exist")
+    files = sorted(feats_dir.glob("*.npz"))
+    if not files:
+        raise InputError(f"{feats_dir}: no feature files (*.npz)")
+    loaded = [load_features(f) for f in files]
+    first = loaded[0]
+    for f, path in zip(loaded[1:], files[1:], strict=True):
+        if not (np.array_equal(f.labels, first.labels) and np.array_equal(f.paths, first.paths)):
+            raise InputError(f"{path}: features are of another data set than {files[0].name}")
+    precision = precision or precision_for()
+    ranked = _score({f.name: f.features for f in loaded}, first.labels, train_fraction, seed,
+                    precision, str(feats_dir))
+    dataset = {"root": str(feats_dir), "n_images": int(len(first.labels)),
+               "classes": [str(c) for c in first.classes]}
+    return Ranking(ranked, dataset, _settings(train_fraction, seed, None, precision))
+
+
+def _score(features, labels, train_fraction, seed, precision, where) -> list[ModelScore]:
+    try:
+        return score_models(features, labels, train_fraction=train_fraction, seed=seed,
+                            precision=precision)
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
+         batch_size: int = 32, image_size: int = 224, train_fraction: float = 0.8, seed: int = 0,
+         cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+         precision: str | None = None, progress: Progress | None = None) -> Ranking:
+    """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them."""
+    _check_options(train_fraction, image_size)
+    dataset = data.scan(data_root)
+    entries = zoo.read_nonempty(zoo_dir)
+    cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
+    fingerprint = cache.dataset_fingerprint(dataset)
+    features: dict[str, dict[str, np.ndarray]] = {}
+    todo: list[tuple[zoo.ZooEntry, Path]] = []
+    cached = []
+    for e in entries:
+        path = cache.entry_path(cache_dir, e.sha256, fingerprint, image_size)
+        if use_cache and path.is_file():
+            try:
+                features[e.name] = load_features(path).features
+                cached.append(e.name)
+                continue
+            except InputError:
+                pass  # a damaged entry is recomputed and overwritten
+        todo.append((e, path))
+    if todo:
+        models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
+        fresh = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
+                                 progress=progress)
+        for (e, path), f in zip(todo, fresh, strict=True):
+            features[e.name] = f
+            if use_cache:
+                save_features(path, f, dataset)
+    precision = precision or precision_for()
+    ordered = {e.name: features[e.name] for e in entries}
+    ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root))
+    info = {"root": str(Path(data_root).resolve()), "n_images": len(dataset),
+            "classes": list(dataset.classes)}
+    return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision), cached)
+
+
+__all__: Sequence[str] = ["Ranking", "extract", "rank", "score", "load_zoo"]

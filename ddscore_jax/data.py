@@ -27,7 +27,7 @@ SPLITS = ("train", "valid")
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled image set. ``paths`` are relative to ``root``; ``labels[i]`` indexes ``classes``."""
+    """A labelled image set: ``paths`` relative to ``root``; ``labels[i]`` indexes ``classes``."""
 
     root: Path
     paths: tuple[str, ...]
@@ -41,7 +41,7 @@ class Dataset:
 def _image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
-        raise InputError(f"{folder}: no class folders (expected one sub-folder of images per class)")
+        raise InputError(f"{folder}: no class folders (expected a sub-folder of images per class)")
     samples = []
     for label, cls in enumerate(classes):
         found = 0

@@ -45,7 +45,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def read(zoo: str | os.PathLike, *, allow_missing: bool = False) -> list[ZooEntry]:
-    """The entries of ``zoo/zoo.json``. InputError when it is missing (unless allowed) or invalid."""
+    """The entries of ``zoo/zoo.json``; InputError when it is missing (unless allowed) or bad."""
     path = Path(zoo) / ZOO_FILE
     if not path.exists():
         if allow_missing:
@@ -175,7 +175,8 @@ def add(zoo: str | os.PathLike, additions: list[Addition], *, overwrite: bool = 
             tmp.rename(final)
             placed.append(final)
         for a in todo:
-            entries[a.name] = ZooEntry(a.name, a.model.arch, str(a.source), a.source_format,
+            entries[a.name] = ZooEntry(a.name, a.model.arch, os.path.relpath(a.source, zoo),
+                                       a.source_format,
                                        a.sha256, f"{CHECKPOINTS}/{a.name}")
         write_json_atomic(zoo / ZOO_FILE, {"models": [asdict(e) for e in entries.values()]})
     except BaseException:

@@ -1,0 +1,1 @@
+"""The ``ddscore-jax`` command line (installed as ``ddscore_jax.cli``)."""

@@ -1,0 +1,3 @@
+from ddscore_jax.cli.app import main
+
+main()

@@ -1,0 +1,258 @@
+"""``ddscore-jax``: a thin Typer front over the library. Parse, call, print.
+
+People read stderr (tables, progress); machines read ``--json`` (stdout with ``-``, or a file).
+Exit codes (SPEC 2): 0 success, 2 bad usage or bad input (one line, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ddscore_jax import __version__
+from ddscore_jax.errors import InputError
+
+app = typer.Typer(
+    name="ddscore-jax",
+    help="Rank pre-trained ResNets for a small labelled image set with D-deepscore.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="Inspect a model zoo.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console(stderr=True)
+
+ZooArg = Annotated[Path, typer.Argument(help="Model zoo folder (made by `convert`).")]
+DataArg = Annotated[Path, typer.Argument(
+    help="Data set: a folder of class sub-folders, or one with train/ and valid/ inside.")]
+JsonOpt = Annotated[str | None, typer.Option(
+    "--json", metavar="PATH|-", help="Also write machine-readable results ('-' for stdout).")]
+FractionOpt = Annotated[float, typer.Option(
+    help="Fraction of the images the score uses (a seeded random subset).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of that subset: the same seed repeats exactly.")]
+BatchOpt = Annotated[int, typer.Option(help="Images per forward batch.", min=1)]
+SizeOpt = Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ddscore-jax {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Rank pre-trained ResNets for a small labelled image set with D-deepscore."""
+
+
+class _Bars:
+    """The library's ``progress(description, completed, total)`` callback as rich progress bars."""
+
+    def __init__(self) -> None:
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _Bars:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+    def __call__(self, description: str, completed: int, total: int) -> None:
+        if description not in self.tasks:
+            self.tasks[description] = self.bars.add_task(description, total=total)
+        self.bars.update(self.tasks[description], completed=completed, total=total)
+
+
+def _write_json(doc: object, dest: str | None) -> None:
+    if dest is None:
+        return
+    text = json.dumps(doc, indent=2)
+    if dest == "-":
+        print(text)
+        return
+    from ddscore_jax.zoo import write_json_atomic
+
+    path = Path(dest)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: folder {path.parent} does not exist")
+    write_json_atomic(path, doc)
+
+
+def _print_ranking(ranking, title: str) -> None:
+    table = Table(title=title, caption=f"score precision: {ranking.settings['precision']}")
+    table.add_column("rank", justify="right")
+    table.add_column("model")
+    table.add_column("D-deepscore", justify="right")
+    for block in ranking.settings["blocks"]:
+        table.add_column(block, justify="right")
+    for i, m in enumerate(ranking.models, 1):
+        table.add_row(str(i), m.name, f"{m.score:.6f}",
+                      *(f"{m.block_scores[b]:.6f}" for b in ranking.settings["blocks"]))
+    console.print(table)
+
+
+@app.command()
+def convert(
+    sources: Annotated[list[Path], typer.Argument(
+        help=".pth/.pt/.onnx checkpoints; a folder means every such file in it.")],
+    zoo_dir: Annotated[Path, typer.Option("--zoo", help="Zoo folder (created if missing).")],
+    name: Annotated[str | None, typer.Option(
+        help="Name in the zoo (only with a single source); default: the file's stem.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace a different model that has the same name.")] = False,
+) -> None:
+    """Import ResNet18/34 checkpoints into a model zoo (Orbax checkpoints + zoo.json)."""
+    from ddscore_jax.convert import convert_sources
+
+    with _Bars() as bars:
+        written, skipped = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite,
+                                           progress=bars)
+    for n in written:
+        console.print(f"added [bold]{n}[/bold] to {zoo_dir}")
+    for n in skipped:
+        console.print(f"{n}: already in {zoo_dir}, unchanged")
+
+
+@app.command()
+def extract(
+    zoo_dir: ZooArg,
+    data_root: DataArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for <model>.npz feature files.")],
+    batch_size: BatchOpt = 32,
+    image_size: SizeOpt = 224,
+) -> None:
+    """Write the conv4_x features of every zoo model on DATA to OUT/<model>.npz."""
+    from ddscore_jax import api
+
+    with _Bars() as bars:
+        written = api.extract(zoo_dir, data_root, out, batch_size=batch_size,
+                              image_size=image_size, progress=bars)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def score(
+    feats: Annotated[Path, typer.Argument(help="Folder of <model>.npz files from `extract`.")],
+    train_fraction: FractionOpt = 0.8,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = None,
+) -> None:
+    """D-deepscore of every feature file in FEATS, ranked."""
+    from ddscore_jax import api
+
+    ranking = api.score(feats, train_fraction=train_fraction, seed=seed)
+    _print_ranking(ranking, f"D-deepscore of {feats}")
+    _write_json(ranking.to_json(), json_out)
+
+
+@app.command()
+def rank(
+    zoo_dir: ZooArg,
+    data_root: DataArg,
+    train_fraction: FractionOpt = 0.8,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32,
+    image_size: SizeOpt = 224,
+    json_out: JsonOpt = None,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="Feature cache folder [default: ~/.cache/ddscore-jax/features].")] = None,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Neither read nor write cached features.")] = False,
+) -> None:
+    """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
+    from ddscore_jax import api
+
+    with _Bars() as bars:
+        ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
+                           train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
+                           use_cache=not no_cache, progress=bars)
+    if ranking.cached:
+        console.print(f"reused cached features of {len(ranking.cached)} model(s)")
+    _print_ranking(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "
+                            f"{len(ranking.dataset['classes'])} classes")
+    _write_json(ranking.to_json(), json_out)
+
+
+@zoo_app.command("list")
+def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
+    """The models in a zoo: name, architecture, source file, sha256."""
+    from dataclasses import asdict
+
+    from ddscore_jax import zoo
+
+    entries = zoo.read(zoo_dir)
+    table = Table(title=f"{zoo_dir}: {len(entries)} model(s)")
+    for col in ("name", "arch", "source", "format", "sha256"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        table.add_row(e.name, e.arch, e.source, e.source_format, e.sha256)
+    console.print(table)
+    _write_json({"models": [asdict(e) for e in entries]}, json_out)
+
+
+@app.command()
+def demo(
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="Where the demo zoo and data are built [default: ~/.cache/ddscore-jax/demo].")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Build a small zoo and target set from packaged data (no downloads), then rank."""
+    from ddscore_jax import api
+    from ddscore_jax import demo as demo_lib
+
+    with _Bars() as bars:
+        zoo_dir, data_root = demo_lib.prepare_demo(cache_dir or demo_lib.default_cache_dir(),
+                                                   progress=bars)
+        ranking = api.rank(zoo_dir, data_root, image_size=demo_lib.DEMO_IMAGE_SIZE,
+                           cache_dir=Path(zoo_dir).parent / "features", progress=bars)
+    console.print(f"demo zoo: {zoo_dir}\ndemo data: {data_root}")
+    _print_ranking(ranking, f"demo: {ranking.dataset['n_images']} images of "
+                            f"{', '.join(ranking.dataset['classes'])}")
+    _write_json(ranking.to_json(), json_out)
+
+
+def main() -> None:
+    """Console entry point: the one place that turns exceptions into exit codes."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        app()
+    except InputError as e:
+        # One line, no traceback: it is the user's file or option, not our bug.
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - last resort: say it is ours, show the trace on request
+        if os.environ.get("DDSCORE_JAX_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} "
+              "(set DDSCORE_JAX_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
