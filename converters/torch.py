@@ -44,8 +44,8 @@ def load_pth(path: Path) -> ImportedModel:
 
     state_dict = _find_state_dict(obj, torch)
     if state_dict is None:
-        raise InputError(f"{path}: no ResNet state_dict found (looked at the top level and under "
-                         f"{', '.join(_NESTING_KEYS)})")
+        raise InputError(f"{path}: not a torchvision ResNet: no 'conv1.weight' tensor at the top "
+                         f"level or under {', '.join(_NESTING_KEYS)}")
     tensors = {_strip(k): v.detach().float().numpy() for k, v in state_dict.items()
                if isinstance(v, torch.Tensor) and v.is_floating_point()}
     return from_state_dict(tensors, str(path))

@@ -1,0 +1,234 @@
+"""The real ``ddscore-jax`` command in a subprocess, on real files in a temporary folder."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
+
+SIZE = "32"  # small images keep the subprocess runs fast; parity is tested in test_model.py
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Three checkpoints (two ResNet18 layouts and a ResNet34), a zoo of them, and a data set."""
+    root = tmp_path_factory.mktemp("cli")
+    ckpts = root / "ckpts"
+    ckpts.mkdir()
+    save_pth(torch_resnet("resnet18", 1), ckpts / "r18_a.pth")
+    save_pth(torch_resnet("resnet18", 2), ckpts / "r18_b.pt", wrap="state_dict", prefix="module.")
+    save_pth(torch_resnet("resnet34", 3), ckpts / "r34.pth")
+    data = write_image_folder(root / "data", per_class={"crack": 7, "ok": 9, "scratch": 5})
+    zoo = root / "zoo"
+    result = cli("convert", ckpts, "--zoo", zoo)
+    assert result.returncode == 0, result.stderr
+    return root, ckpts, data, zoo
+
+
+def snapshot(folder):
+    """Everything under a folder, with file contents: to prove a failed command changed nothing."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_zoo_list(workspace):
+    _, ckpts, _, zoo = workspace
+    result = cli("zoo", "list", zoo, "--json", "-")
+    assert result.returncode == 0, result.stderr
+    models = json.loads(result.stdout)["models"]
+    assert [(m["name"], m["arch"], m["source_format"]) for m in models] == [
+        ("r18_a", "resnet18", "pytorch"), ("r18_b", "resnet18", "pytorch"),
+        ("r34", "resnet34", "pytorch")]
+    assert models[0]["checkpoint"] == "checkpoints/r18_a"
+    assert (zoo / models[0]["source"]).resolve() == (ckpts / "r18_a.pth").resolve()
+    assert len(models[0]["sha256"]) == 64
+    assert "r34" in result.stderr  # the table, for people, on stderr
+
+
+def test_extract_score_rank_agree(workspace, tmp_path):
+    _, _, data, zoo = workspace
+    feats = tmp_path / "feats"
+    r = cli("extract", zoo, data, "--out", feats, "--image-size", SIZE, "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in feats.iterdir()) == ["r18_a.npz", "r18_b.npz", "r34.npz"]
+    with np.load(feats / "r34.npz") as z:
+        assert z["layer3.0"].shape == z["layer3.1"].shape == (21, 256)
+        assert z["layer3.0"].dtype == np.float32
+        assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0] * 7 + [1] * 9 + [2] * 5
+        assert z["paths"][0] == os.path.join("crack", "img_000.png")
+        assert z["classes"].tolist() == ["crack", "ok", "scratch"]
+
+    scored = cli("score", feats, "--json", "-")
+    assert scored.returncode == 0, scored.stderr
+    cache = tmp_path / "cache"
+    ranked = cli("rank", zoo, data, "--image-size", SIZE, "--batch-size", "8", "--json", "-",
+                 "--cache-dir", cache)
+    assert ranked.returncode == 0, ranked.stderr
+    by_score, by_rank = json.loads(scored.stdout), json.loads(ranked.stdout)
+    assert [m["name"] for m in by_rank["models"]] == [m["name"] for m in by_score["models"]]
+    for a, b in zip(by_rank["models"], by_score["models"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-12)
+        assert set(a["block_scores"]) == {"layer3.0", "layer3.1"}
+    assert [m["rank"] for m in by_rank["models"]] == [1, 2, 3]
+    assert by_rank["dataset"] == {"root": str(data.resolve()), "n_images": 21,
+                                  "classes": ["crack", "ok", "scratch"]}
+    settings = by_rank["settings"]
+    assert settings["precision"] == "float64" and settings["image_size"] == 32
+    assert settings["train_fraction"] == 0.8 and settings["seed"] == 0
+
+    again = cli("rank", zoo, data, "--image-size", SIZE, "--json", "-", "--cache-dir", cache)
+    assert again.returncode == 0, again.stderr
+    assert "reused cached features of 3 model(s)" in again.stderr
+    assert json.loads(again.stdout) == by_rank
+    reseeded = cli("rank", zoo, data, "--image-size", SIZE, "--json", "-", "--cache-dir", cache,
+                   "--seed", "5")
+    assert json.loads(reseeded.stdout)["settings"]["seed"] == 5
+
+
+def test_convert_is_idempotent_and_names_clash(workspace, tmp_path):
+    _, ckpts, _, _ = workspace
+    zoo = tmp_path / "zoo"
+    assert cli("convert", ckpts / "r18_a.pth", "--zoo", zoo).returncode == 0
+    before = snapshot(zoo)
+    again = cli("convert", ckpts / "r18_a.pth", "--zoo", zoo)
+    assert again.returncode == 0 and "unchanged" in again.stderr
+    assert snapshot(zoo) == before
+
+    clash = cli("convert", ckpts / "r34.pth", "--zoo", zoo, "--name", "r18_a")
+    assert clash.returncode == 2
+    assert "r34.pth" in error_line(clash) and "--overwrite" in error_line(clash)
+    assert snapshot(zoo) == before
+
+    replaced = cli("convert", ckpts / "r34.pth", "--zoo", zoo, "--name", "r18_a", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    models = json.loads((zoo / "zoo.json").read_text())["models"]
+    assert [(m["name"], m["arch"]) for m in models] == [("r18_a", "resnet34")]
+    assert sorted(p.name for p in (zoo / "checkpoints").iterdir()) == ["r18_a"]
+
+    many = cli("convert", ckpts, "--zoo", zoo, "--name", "x")
+    assert many.returncode == 2 and "exactly one" in error_line(many)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EVIL_MARKER', '/tmp/ddscore-evil')}",))
+
+
+def make_bad_checkpoint(kind, folder, good):
+    path = folder / f"{kind}.pth"
+    if kind == "garbage":
+        path.write_bytes(b"this is not a checkpoint at all" * 10)
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "not_resnet":
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 8, 3))
+        torch.save(net.state_dict(), path)
+    elif kind == "resnet50":
+        import torchvision
+
+        torch.save(torchvision.models.resnet50().state_dict(), path)
+    elif kind == "code_pickle":
+        torch.save({"conv1.weight": torch.zeros(1), "payload": Evil()}, path)
+    elif kind == "wrong_suffix":
+        path = folder / "model.h5"
+        path.write_bytes(b"hdf5?")
+    elif kind == "missing":
+        path = folder / "nowhere.pth"
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("garbage", "unreadable PyTorch checkpoint"),
+    ("truncated", "unreadable PyTorch checkpoint"),
+    ("not_resnet", "not a torchvision ResNet"),
+    ("resnet50", "Bottleneck"),
+    ("code_pickle", "refused"),
+    ("wrong_suffix", "not a checkpoint this tool reads"),
+    ("missing", "no such file"),
+])
+def test_bad_checkpoint_leaves_zoo_as_it_was(workspace, tmp_path, kind, message):
+    _, ckpts, _, zoo = workspace
+    marker = tmp_path / "pwned"
+    bad = make_bad_checkpoint(kind, tmp_path, ckpts / "r18_a.pth")
+    my_zoo = tmp_path / "zoo"
+    shutil.copytree(zoo, my_zoo)
+    before = snapshot(my_zoo)
+    # A new good model first: the failure comes after it was read, and still nothing is written.
+    good = shutil.copy(ckpts / "r34.pth", tmp_path / "fresh.pth")
+    result = cli("convert", good, bad, "--zoo", my_zoo, env={"EVIL_MARKER": str(marker)})
+    assert result.returncode == 2, result.stderr
+    line = error_line(result)
+    assert line.startswith("error: ") and bad.name in line and message in line, line
+    assert "Traceback" not in result.stderr
+    assert snapshot(my_zoo) == before
+    assert not marker.exists()  # the pickled os.system never ran
+
+
+def test_failed_convert_into_new_zoo_creates_nothing(workspace, tmp_path):
+    _, ckpts, _, _ = workspace
+    bad = make_bad_checkpoint("garbage", tmp_path, None)
+    result = cli("convert", ckpts / "r18_a.pth", bad, "--zoo", tmp_path / "new_zoo")
+    assert result.returncode == 2
+    assert not (tmp_path / "new_zoo").exists()
+
+
+def _bad_data(kind, root):
+    d = root / "data"
+    if kind == "missing_data":
+        return d
+    if kind == "empty_data":
+        d.mkdir()
+    elif kind == "one_class":
+        write_image_folder(d, classes=("only",))
+    elif kind == "corrupt_image":
+        write_image_folder(d)
+        (d / "ok" / "img_002.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return d
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing_data", "does not exist"),
+    ("empty_data", "no class folders"),
+    ("one_class", "only one class"),
+    ("corrupt_image", "img_002.png"),
+])
+@pytest.mark.parametrize("command", ["rank", "extract"])
+def test_bad_data(workspace, tmp_path, kind, message, command):
+    _, _, _, zoo = workspace
+    data = _bad_data(kind, tmp_path)
+    out = tmp_path / "out"
+    args = ["--json", out / "r.json"] if command == "rank" else ["--out", out]
+    result = cli(command, zoo, data, "--image-size", SIZE, *args)
+    assert result.returncode == 2, result.stderr
+    line = error_line(result)
+    assert line.startswith("error: ") and message in line, line
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())  # no partial output
+
+
+def test_empty_or_missing_zoo(workspace, tmp_path):
+    _, _, data, _ = workspace
+    missing = cli("rank", tmp_path / "nozoo", data)
+    assert missing.returncode == 2 and "zoo.json" in error_line(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "zoo.json").write_text('{"models": []}')
+    result = cli("rank", empty, data)
+    assert result.returncode == 2 and "has no models" in error_line(result)
+
+
+def test_bad_options(workspace, tmp_path):
+    _, _, data, zoo = workspace
+    frac = cli("rank", zoo, data, "--train-fraction", "1.5")
+    assert frac.returncode == 2 and "--train-fraction" in error_line(frac)
+    usage = cli("rank", zoo)
+    assert usage.returncode == 2  # missing argument: click's usage error
+    nofolder = cli("rank", zoo, data, "--image-size", SIZE, "--json", tmp_path / "no" / "r.json")
+    assert nofolder.returncode == 2 and "does not exist" in error_line(nofolder)
+    assert cli("--version").stdout.startswith("ddscore-jax ")
