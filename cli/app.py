@@ -48,6 +48,11 @@ FractionOpt = Annotated[float, typer.Option(
 SeedOpt = Annotated[int, typer.Option(help="Seed of that subset: the same seed repeats exactly.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward batch.", min=1)]
 SizeOpt = Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="Forward dtype: float32, or bfloat16 for accelerators (features change slightly; the "
+         "score stays float64).")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    help="Image decode threads [default: one per core, at most 8]; 0 decodes inline.", min=0)]
 
 
 def _version(value: bool) -> None:
@@ -142,13 +147,15 @@ def extract(
     out: Annotated[Path, typer.Option("--out", help="Folder for <model>.npz feature files.")],
     batch_size: BatchOpt = 32,
     image_size: SizeOpt = 224,
+    dtype: DtypeOpt = "float32",
+    workers: WorkersOpt = None,
 ) -> None:
     """Write the conv4_x features of every zoo model on DATA to OUT/<model>.npz."""
     from ddscore_jax import api
 
     with _Bars() as bars:
         written = api.extract(zoo_dir, data_root, out, batch_size=batch_size,
-                              image_size=image_size, progress=bars)
+                              image_size=image_size, dtype=dtype, workers=workers, progress=bars)
     for path in written:
         console.print(f"wrote {path}")
 
@@ -181,6 +188,8 @@ def rank(
         help="Feature cache folder [default: ~/.cache/ddscore-jax/features].")] = None,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Neither read nor write cached features.")] = False,
+    dtype: DtypeOpt = "float32",
+    workers: WorkersOpt = None,
 ) -> None:
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
@@ -188,7 +197,7 @@ def rank(
     with _Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
-                           use_cache=not no_cache, progress=bars)
+                           use_cache=not no_cache, dtype=dtype, workers=workers, progress=bars)
     if ranking.cached:
         console.print(f"reused cached features of {len(ranking.cached)} model(s)")
     _print_ranking(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "
@@ -238,6 +247,10 @@ def main() -> None:
     """Console entry point: the one place that turns exceptions into exit codes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        if os.environ.get("DDSCORE_JAX_DISTRIBUTED"):  # multi-host: join before any device use
+            from ddscore_jax.extract import initialize_distributed
+
+            initialize_distributed()
         app()
     except InputError as e:
         # One line, no traceback: it is the user's file or option, not our bug.

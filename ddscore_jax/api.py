@@ -48,11 +48,14 @@ def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[Loade
     return entries, [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e in entries]
 
 
-def _settings(train_fraction: float, seed: int, image_size: int | None, precision: str) -> dict:
+def _settings(train_fraction: float, seed: int, image_size: int | None, precision: str,
+              dtype: str | None = None) -> dict:
     settings = {"train_fraction": train_fraction, "seed": seed, "image_size": image_size,
                 "blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision}
     if image_size is None:  # scoring saved features: the image size is not ours to know
         del settings["image_size"]
+    if dtype is not None:  # the forward's dtype changes the features, so the score
+        settings["forward_dtype"] = dtype
     return settings
 
 
@@ -64,14 +67,15 @@ def _check_options(train_fraction: float, image_size: int) -> None:
 
 
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
-            batch_size: int = 32, image_size: int = 224,
-            progress: Progress | None = None) -> list[Path]:
+            batch_size: int = 32, image_size: int = 224, dtype: str = "float32",
+            workers: int | None = None, progress: Progress | None = None) -> list[Path]:
     """Write ``out/<model>.npz`` (SPEC 2) for every zoo model. Returns the files written."""
     _check_options(0.8, image_size)
     dataset = data.scan(data_root)
     _, models = load_zoo(zoo_dir)
+    cache.enable_compilation_cache()
     feats = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
-                             progress=progress)
+                             dtype=dtype, workers=workers, progress=progress)
     written = []
     for m, f in zip(models, feats, strict=True):
         path = Path(out) / f"{m.name}.npz"
@@ -114,7 +118,8 @@ def _score(features, labels, train_fraction, seed, precision, where) -> list[Mod
 def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          batch_size: int = 32, image_size: int = 224, train_fraction: float = 0.8, seed: int = 0,
          cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-         precision: str | None = None, progress: Progress | None = None) -> Ranking:
+         precision: str | None = None, dtype: str = "float32", workers: int | None = None,
+         progress: Progress | None = None) -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them."""
     _check_options(train_fraction, image_size)
     dataset = data.scan(data_root)
@@ -125,7 +130,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     todo: list[tuple[zoo.ZooEntry, Path]] = []
     cached = []
     for e in entries:
-        path = cache.entry_path(cache_dir, e.sha256, fingerprint, image_size)
+        path = cache.entry_path(cache_dir, e.sha256, fingerprint, image_size, dtype)
         if use_cache and path.is_file():
             try:
                 features[e.name] = load_features(path).features
@@ -136,18 +141,25 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
         todo.append((e, path))
     if todo:
         models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
+        # Finished batches are kept beside each entry, so an interrupted rank resumes.
+        partials = ([cache.PartialFeatures(cache.partial_path(path)) for _, path in todo]
+                    if use_cache else None)
+        cache.enable_compilation_cache()
         fresh = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
+                                 dtype=dtype, workers=workers, partials=partials,
                                  progress=progress)
         for (e, path), f in zip(todo, fresh, strict=True):
             features[e.name] = f
             if use_cache:
                 save_features(path, f, dataset)
+                cache.PartialFeatures(cache.partial_path(path)).clear()
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
     ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root))
     info = {"root": str(Path(data_root).resolve()), "n_images": len(dataset),
             "classes": list(dataset.classes)}
-    return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision), cached)
+    return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision, dtype),
+                   cached)
 
 
 __all__: Sequence[str] = ["Ranking", "extract", "rank", "score", "load_zoo"]

@@ -1,17 +1,30 @@
-"""Batched conv4_x feature extraction for a whole zoo.
+"""Batched conv4_x feature extraction for a whole zoo, over every local device (or host).
 
-Models of one architecture share one compiled program. Where the backend runs a vmapped
+Forward. Models of one architecture share one compiled program. Where the backend runs a vmapped
 convolution well (GPU, TPU) their parameters are stacked and vmapped, so one call runs every model
-on a batch; on CPU, XLA lowers a vmapped convolution to a grouped one, which measures slower than
-running the same compiled single-model program once per model, so there we loop. Both are behind
-:func:`forward_zoo`. The last, ragged batch is padded to the batch size so a data set of any size
-compiles once.
+on a batch; on CPU, XLA lowers a vmapped convolution to a grouped one, which measures several
+times slower than running the same compiled single-model program once per model, so there we loop
+(figures in docs/extraction.md). Both are behind :class:`ZooForward`. BatchNorm is already folded
+into each convolution by the converters, so the forward is convolutions, ReLUs and one max-pool.
+
+Shapes. Every batch is padded to one size (a multiple of the device count), so a data set of any
+size compiles the forward once per architecture; with the persistent compilation cache
+(:func:`ddscore_jax.cache.enable_compilation_cache`) a second command compiles nothing.
+
+Devices. A one-axis mesh ``("batch",)`` over ``jax.devices()`` splits each batch across devices;
+parameters are replicated. Under ``jax.distributed`` the same mesh spans every host: each process
+decodes only its own rows of a batch (``jax.make_array_from_process_local_data``) and the features
+are gathered back to every process. With one device it is the same code.
+
+Resume. With :class:`ddscore_jax.cache.PartialFeatures` per model, finished rows are saved every
+``save_every`` seconds and when the loop is interrupted; the next call starts after them.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -20,12 +33,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ddscore_jax import data, model
+from ddscore_jax import data, model, pipeline
+from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
 
 Progress = Callable[[str, int, int], None]  # (description, completed, total)
 SCORE_BLOCKS = ("layer3.0", "layer3.1")
+DTYPES = ("float32", "bfloat16")
+SAVE_EVERY = 30.0  # seconds between saves of an extraction's progress
 
 
 @dataclass(frozen=True)
@@ -40,48 +58,137 @@ def default_strategy(backend: str | None = None) -> str:
     return "loop" if (backend or jax.default_backend()) == "cpu" else "vmap"
 
 
-@partial(jax.jit, static_argnames=("arch", "num_blocks"))
-def _forward_one(state, images, arch: str, num_blocks: int):
-    return model.forward(arch, state, images, num_blocks)
+def initialize_distributed() -> None:
+    """Join a multi-host run when ``DDSCORE_JAX_DISTRIBUTED=1``.
+
+    JAX detects SLURM, Open MPI and Cloud TPU clusters; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Must run before anything touches a device; a
+    no-op without the variable or when already joined.
+    """
+    if os.environ.get("DDSCORE_JAX_DISTRIBUTED", "") not in ("", "0") and \
+            not jax.distributed.is_initialized():
+        jax.distributed.initialize(
+            coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+            num_processes=_env_int("JAX_NUM_PROCESSES"),
+            process_id=_env_int("JAX_PROCESS_ID"),
+        )
 
 
-@partial(jax.jit, static_argnames=("arch", "num_blocks"))
-def _forward_stacked(stacked, images, arch: str, num_blocks: int):
-    return jax.vmap(lambda s: model.forward(arch, s, images, num_blocks))(stacked)
+def _env_int(name: str) -> int | None:
+    return int(os.environ[name]) if os.environ.get(name) else None
+
+
+def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh ``("batch",)`` over ``devices`` (default: every device of every process,
+    ordered by process so that each process's rows of a batch are contiguous)."""
+    devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), ("batch",))
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+@partial(jax.jit, static_argnames=("arch", "num_blocks", "dtype"))
+def _forward_one(state, images, arch: str, num_blocks: int, dtype: str = "float32"):
+    feats = model.forward(arch, state, images.astype(dtype), num_blocks)
+    return _cast(feats, jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("arch", "num_blocks", "dtype"))
+def _forward_stacked(stacked, images, arch: str, num_blocks: int, dtype: str = "float32"):
+    x = images.astype(dtype)
+    feats = jax.vmap(lambda s: model.forward(arch, s, x, num_blocks))(stacked)
+    return _cast(feats, jnp.float32)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class ZooForward:
-    """Runs every model of a zoo on a batch of images; one compiled program per architecture."""
+    """Runs every model of a zoo on a batch of images; one compiled program per architecture.
+
+    ``dtype="bfloat16"`` casts parameters and images for the forward (for accelerators; on CPU it
+    is emulated and slower); features come back float32 either way.
+    """
 
     def __init__(self, models: Sequence[LoadedModel], num_blocks: int = 2,
-                 strategy: str | None = None):
+                 strategy: str | None = None, *, dtype: str = "float32",
+                 mesh: Mesh | None = None):
+        if dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.num_blocks = num_blocks
         self.strategy = strategy or default_strategy()
+        self.dtype = dtype
+        self.mesh = mesh or batch_mesh()
+        self.data_sharding = NamedSharding(self.mesh, P("batch"))
+        replicated = NamedSharding(self.mesh, P())
         self.groups: dict[str, list[int]] = {}
         for i, m in enumerate(models):
             self.groups.setdefault(m.arch, []).append(i)
         self.n_models = len(models)
-        states = [model.flat_to_state(m.params, m.arch) for m in models]
+        # Cast once here rather than per batch: bfloat16 parameters also halve their memory.
+        states = [_cast(model.flat_to_state(m.params, m.arch), dtype) for m in models]
         if self.strategy == "vmap":
-            self.params = {arch: jax.tree.map(lambda *xs: jnp.stack(xs), *[states[i] for i in idx])
-                           for arch, idx in self.groups.items()}
+            self.params = {
+                arch: jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                  *[states[i] for i in idx]), replicated)
+                for arch, idx in self.groups.items()}
         else:
-            self.params = {arch: [states[i] for i in idx] for arch, idx in self.groups.items()}
+            self.params = {arch: [jax.device_put(states[i], replicated) for i in idx]
+                           for arch, idx in self.groups.items()}
 
-    def __call__(self, images: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """``images`` (B, S, S, 3) -> per model (in input order) ``{"layer3.i": (B, 256)}``."""
-        out: list[dict[str, np.ndarray]] = [{} for _ in range(self.n_models)]
-        x = jnp.asarray(images)
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.size
+
+    def padded_batch(self, batch_size: int) -> int:
+        """``batch_size`` rounded up to a multiple of the device count (each gets equal rows)."""
+        return -(-batch_size // self.n_devices) * self.n_devices
+
+    def local_rows(self, padded: int) -> tuple[int, int]:
+        """This process's rows ``[lo, hi)`` of a padded batch (all of them on one host)."""
+        per_process = padded // jax.process_count()
+        lo = jax.process_index() * per_process
+        return lo, lo + per_process
+
+    def dispatch(self, local_images: np.ndarray, padded: int) -> list[dict[str, jax.Array]]:
+        """Start the forward of every model on one batch; returns device arrays without waiting.
+
+        ``local_images`` are this process's rows of a (padded, S, S, 3) batch (all rows on one
+        host); the result is per model (input order) ``{"layer3.i": (padded, 256)}``.
+        """
+        x = jax.make_array_from_process_local_data(
+            self.data_sharding, local_images, (padded, *local_images.shape[1:]))
+        out: list[dict[str, jax.Array]] = [{} for _ in range(self.n_models)]
         for arch, idx in self.groups.items():
             if self.strategy == "vmap":
-                feats = _forward_stacked(self.params[arch], x, arch, self.num_blocks)
+                feats = _forward_stacked(self.params[arch], x, arch, self.num_blocks, self.dtype)
                 for j, i in enumerate(idx):
-                    out[i] = {k: np.asarray(v[j]) for k, v in feats.items()}
+                    out[i] = {k: v[j] for k, v in feats.items()}
             else:
                 for state, i in zip(self.params[arch], idx, strict=True):
-                    feats = _forward_one(state, x, arch, self.num_blocks)
-                    out[i] = {k: np.asarray(v) for k, v in feats.items()}
+                    out[i] = _forward_one(state, x, arch, self.num_blocks, self.dtype)
         return out
+
+    def __call__(self, images: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """``images`` (B, S, S, 3) -> per model (in input order) ``{"layer3.i": (B, 256)}``.
+
+        Single-process convenience: pads B to a multiple of the device count and trims it back.
+        """
+        b = images.shape[0]
+        padded = self.padded_batch(b)
+        if padded != b:
+            images = np.concatenate([images, np.zeros((padded - b, *images.shape[1:]),
+                                                      images.dtype)])
+        return [{k: _to_host(v)[:b] for k, v in feats.items()}
+                for feats in self.dispatch(images, padded)]
 
 
 def extract_features(
@@ -92,24 +199,88 @@ def extract_features(
     image_size: int = 224,
     blocks: Sequence[str] = SCORE_BLOCKS,
     progress: Progress | None = None,
+    dtype: str = "float32",
+    workers: int | None = None,
+    prefetch: int = 2,
+    partials: Sequence[PartialFeatures] | None = None,
+    save_every: float = SAVE_EVERY,
+    mesh: Mesh | None = None,
+    strategy: str | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Features of every model on every image: per model ``{block: (n, 256) float32}``."""
+    """Features of every model on every image: per model ``{block: (n, 256) float32}``.
+
+    ``workers`` decode threads (see :func:`ddscore_jax.pipeline.iter_batches`). ``partials``, one
+    per model, makes the extraction resumable: rows already saved there are loaded, not
+    recomputed, and new rows are saved every ``save_every`` seconds and on any interruption
+    (KeyboardInterrupt included). The caller clears them once the final features are stored.
+    """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise InputError(f"--workers must be at least 0, got {workers}")
+    if partials is not None and len(partials) != len(models):
+        raise ValueError(f"{len(partials)} partials for {len(models)} models")
     n = len(dataset)
-    forward = ZooForward(models, num_blocks=len(blocks))
+    forward = ZooForward(models, num_blocks=len(blocks), strategy=strategy, dtype=dtype,
+                         mesh=mesh)
+    padded = forward.padded_batch(batch_size)
+    lo, hi = forward.local_rows(padded)
     feats = [{b: np.empty((n, model.FEATURE_DIM), np.float32) for b in blocks} for _ in models]
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        batch = data.load_batch(dataset, range(start, stop), image_size)
-        if stop - start < batch_size:  # pad: one compiled shape for every batch
-            pad = np.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)
-            batch = np.concatenate([batch, pad])
-        for out, result in zip(feats, forward(batch), strict=True):
+
+    if jax.process_count() > 1:
+        # Hosts would have to agree on one resume point and share the saved rows; not worth it
+        # for now, so a multi-host extraction always starts from the beginning.
+        partials = None
+    done = 0
+    if partials is not None:
+        # Models extracted together progress together; resume from the least advanced one.
+        loaded = [p.load(n, blocks) for p in partials]
+        done = min(k for k, _ in loaded)
+        if done:
+            for out, (_, arrays) in zip(feats, loaded, strict=True):
+                for b in blocks:
+                    out[b][:done] = arrays[b][:done]
+            if progress:
+                progress("extracting features", done, n)
+    saved, last_save = done, time.monotonic()
+
+    def save_progress() -> None:
+        nonlocal saved, last_save
+        if partials is not None and done > saved:
+            for p, out in zip(partials, feats, strict=True):
+                p.append(saved, done, {b: out[b][saved:done] for b in blocks})
+        saved, last_save = done, time.monotonic()
+
+    def collect(batch: pipeline.Batch, device_out: list[dict[str, jax.Array]]) -> None:
+        nonlocal done
+        for out, result in zip(feats, device_out, strict=True):
             for b in blocks:
-                out[b][start:stop] = result[b][: stop - start]
-        if progress:
-            progress("extracting features", stop, n)
+                out[b][batch.start:batch.stop] = _to_host(result[b])[: batch.size]
+        done = batch.stop
+
+    inflight = None  # the previous batch, still computing while the next one is dispatched
+    try:
+        batches = pipeline.iter_batches(dataset, image_size, padded, start=done, rows=(lo, hi),
+                                        workers=workers, prefetch=prefetch)
+        for batch in batches:
+            dispatched = (batch, forward.dispatch(batch.images, padded))
+            if inflight is not None:
+                collect(*inflight)
+                if progress:
+                    progress("extracting features", done, n)
+            inflight = dispatched
+            if time.monotonic() - last_save >= save_every:
+                save_progress()
+        if inflight is not None:
+            collect(*inflight)
+            if progress:
+                progress("extracting features", done, n)
+    except BaseException:
+        try:
+            save_progress()
+        except Exception:  # noqa: BLE001, S110 - the original error is the one worth reporting
+            pass
+        raise
     return feats
 
 

@@ -1,0 +1,326 @@
+"""The extraction engine: the threaded input pipeline, the zoo forward, sharding, resume, and the
+persistent compilation cache. Small images (32 px) keep every compile and forward cheap."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from ddscore_jax.converters._common import ImportedModel
+from PIL import Image
+
+from ddscore_jax import cache, data, model, pipeline, zoo
+from ddscore_jax.errors import InputError
+from ddscore_jax.extract import (
+    LoadedModel,
+    ZooForward,
+    _forward_one,
+    batch_mesh,
+    extract_features,
+)
+
+SIZE = 32  # the smallest image size the ResNet takes (5 stride-2 steps)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_mixed_folder(root: Path, per_class: int = 5, seed: int = 0) -> Path:
+    """Two classes of images in every form the reader meets: RGB JPEG, grey PNG, RGBA PNG and
+    palette GIF-like PNG, of different sizes (so resizing really happens)."""
+    rng = np.random.default_rng(seed)
+    for c, cls in enumerate(("defect", "ok")):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+            px = np.clip(rng.integers(0, 256, (h, w, 3)) * 0.6 + 50 * c, 0, 255).astype(np.uint8)
+            img = Image.fromarray(px)
+            kind = (j + c) % 4
+            if kind == 0:
+                img.save(root / cls / f"{j:03d}.jpg", quality=90)
+            elif kind == 1:
+                img.convert("L").save(root / cls / f"{j:03d}.png")
+            elif kind == 2:
+                img.convert("RGBA").save(root / cls / f"{j:03d}.png")
+            else:
+                img.convert("P").save(root / cls / f"{j:03d}.png")
+    return root
+
+
+def random_models(n: int, arch: str = "resnet18") -> list[LoadedModel]:
+    return [LoadedModel(f"m{i}", arch, model.init_flat(arch, seed=i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> data.Dataset:
+    return data.scan(write_mixed_folder(tmp_path_factory.mktemp("mixed"), per_class=5))
+
+
+# ---------------------------------------------------------------- input pipeline
+
+
+@pytest.mark.parametrize("workers,prefetch", [(0, 1), (1, 1), (3, 2), (8, 4)])
+def test_batches_are_bit_identical_to_the_single_threaded_reader(dataset, workers, prefetch):
+    reference = data.load_batch(dataset, range(len(dataset)), SIZE)
+    batches = list(pipeline.iter_batches(dataset, SIZE, 4, padded_size=6, workers=workers,
+                                         prefetch=prefetch))
+    assert [(b.start, b.stop) for b in batches] == [(0, 4), (4, 8), (8, 10)]
+    for b in batches:
+        assert b.images.shape == (6, SIZE, SIZE, 3) and b.images.dtype == np.float32
+        # Bitwise, not approximately: threads must not change a single pixel.
+        np.testing.assert_array_equal(b.images[: b.size], reference[b.start:b.stop])
+        assert not b.images[b.size:].any()  # the padding is zeros
+
+
+def test_rows_select_a_hosts_share_of_each_batch(dataset):
+    reference = data.load_batch(dataset, range(len(dataset)), SIZE)
+    # Batches of 4 split over 2 "hosts": host 1 decodes rows 2:4 of each batch, nothing else.
+    batches = list(pipeline.iter_batches(dataset, SIZE, 4, rows=(2, 4), start=1, workers=2))
+    assert [(b.start, b.stop) for b in batches] == [(1, 5), (5, 9), (9, 10)]
+    np.testing.assert_array_equal(batches[0].images, reference[3:5])
+    np.testing.assert_array_equal(batches[1].images, reference[7:9])
+    assert not batches[2].images.any()  # the last batch (row 9 only) has nothing for host 1
+
+
+def test_a_bad_image_is_an_input_error_naming_it(tmp_path):
+    root = write_mixed_folder(tmp_path / "data", per_class=4)
+    (root / "ok" / "002.png").write_bytes(b"not an image at all")
+    ds = data.scan(root)
+    with pytest.raises(InputError, match=r"ok/002\.png: cannot read image"):
+        for _ in pipeline.iter_batches(ds, SIZE, 3, workers=2):
+            pass
+
+
+def _peak_bytes_streaming(ds: data.Dataset, image_size: int, batch_size: int) -> int:
+    tracemalloc.start()
+    try:
+        for _ in pipeline.iter_batches(ds, image_size, batch_size, workers=2, prefetch=2):
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_is_bounded_by_the_prefetch_depth_not_the_data_set(tmp_path):
+    # Both sets are long enough to reach the steady state (more batches than the prefetch depth).
+    small = data.scan(write_mixed_folder(tmp_path / "small", per_class=12))
+    large = data.scan(write_mixed_folder(tmp_path / "large", per_class=60))
+    size, batch = 64, 4
+    batch_bytes = batch * size * size * 3 * 4
+    peak_small = _peak_bytes_streaming(small, size, batch)
+    peak_large = _peak_bytes_streaming(large, size, batch)
+    # 5x the images, the same peak: a few batch buffers (prefetch 2, the one being consumed, the
+    # consumer's previous one) plus decode scratch. Holding the large set would take 30 batches.
+    assert peak_large < 8 * batch_bytes, (peak_large, batch_bytes)
+    assert peak_large < 1.25 * peak_small, (peak_small, peak_large)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def test_features_match_the_forward_on_the_reference_batch(dataset):
+    models = random_models(2)
+    feats = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2)
+    images = data.load_batch(dataset, range(len(dataset)), SIZE)
+    reference = jax.jit(model.forward, static_argnums=(0, 3))
+    for m, f in zip(models, feats, strict=True):
+        ref = reference(m.arch, model.flat_to_state(m.params, m.arch), images, 2)
+        for block in ("layer3.0", "layer3.1"):
+            assert f[block].shape == (len(dataset), model.FEATURE_DIM)
+            assert f[block].dtype == np.float32
+            # Batch 4 (padded) vs one batch of 10: different programs, float32 rounding only.
+            np.testing.assert_allclose(f[block], np.asarray(ref[block]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_ragged_last_batch_does_not_recompile(tmp_path):
+    models = random_models(1)
+    extract_features(models, data.scan(write_mixed_folder(tmp_path / "d0", per_class=2)),
+                     batch_size=4, image_size=SIZE, workers=1)
+    compiled = _forward_one._cache_size()
+    for i, per_class in enumerate((3, 5, 6)):  # 6, 10, 12 images: ragged and whole last batches
+        ds = data.scan(write_mixed_folder(tmp_path / f"d{i + 1}", per_class=per_class))
+        feats = extract_features(models, ds, batch_size=4, image_size=SIZE, workers=1)
+        assert feats[0]["layer3.0"].shape[0] == len(ds)
+    assert _forward_one._cache_size() == compiled
+
+
+def test_vmapped_and_looped_forward_agree(dataset):
+    models = random_models(2)
+    images = data.load_batch(dataset, range(4), SIZE)
+    looped = ZooForward(models, strategy="loop")(images)
+    vmapped = ZooForward(models, strategy="vmap")(images)
+    for a, b in zip(looped, vmapped, strict=True):
+        for block in a:
+            # A grouped convolution sums in another order: float32 rounding only.
+            np.testing.assert_allclose(a[block], b[block], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_forward_returns_float32_features_close_to_float32(dataset):
+    models = random_models(1)
+    f32 = extract_features(models, dataset, batch_size=4, image_size=SIZE)[0]
+    bf16 = extract_features(models, dataset, batch_size=4, image_size=SIZE, dtype="bfloat16")[0]
+    for block in f32:
+        assert bf16[block].dtype == np.float32
+        rel = np.max(np.abs(bf16[block] - f32[block])) / np.max(np.abs(f32[block]))
+        # bfloat16 keeps 8 mantissa bits (~0.4% per rounding); measured ~0.7% after 10 convs.
+        assert 0 < rel < 3e-2, rel
+    with pytest.raises(InputError, match="--dtype"):
+        extract_features(models, dataset, batch_size=4, image_size=SIZE, dtype="float16")
+
+
+# ---------------------------------------------------------------- devices
+
+_SHARDED = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from ddscore_jax import data, model
+    from ddscore_jax.extract import LoadedModel, ZooForward, batch_mesh, extract_features
+    assert jax.device_count() == 4, jax.devices()
+    ds = data.scan(sys.argv[1])
+    models = [LoadedModel(f"m{i}", "resnet18", model.init_flat("resnet18", seed=i))
+              for i in range(2)]
+    kw = dict(batch_size=3, image_size=32, workers=2)
+    one = extract_features(models, ds, mesh=batch_mesh(jax.devices()[:1]), **kw)
+    four = extract_features(models, ds, mesh=batch_mesh(), **kw)
+    # Where the batch really went: one quarter of the padded batch (3 -> 4) on each device.
+    fwd = ZooForward(models, mesh=batch_mesh())
+    x = jax.make_array_from_process_local_data(fwd.data_sharding, np.zeros((4, 32, 32, 3),
+                                               np.float32))
+    shards = sorted((s.device.id, s.data.shape[0]) for s in x.addressable_shards)
+    np.savez(sys.argv[2], **{f"{k}/{i}/{b}": f[b] for k, fs in (("one", one), ("four", four))
+                             for i, f in enumerate(fs) for b in f})
+    print(json.dumps({"n": len(ds), "shards": shards}))
+""")
+
+
+def test_four_devices_give_the_features_of_one(tmp_path):
+    # 7 images: not a multiple of the 4 devices, nor of the batch size 3.
+    root = write_mixed_folder(tmp_path / "data", per_class=4)
+    sorted((root / "ok").iterdir())[-1].unlink()
+    out = tmp_path / "feats.npz"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", _SHARDED, str(root), str(out)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info["n"] == 7
+    assert info["shards"] == [[0, 1], [1, 1], [2, 1], [3, 1]]
+    with np.load(out) as z:
+        for i in range(2):
+            for block in ("layer3.0", "layer3.1"):
+                one, four = z[f"one/{i}/{block}"], z[f"four/{i}/{block}"]
+                assert one.shape == four.shape == (7, model.FEATURE_DIM)
+                # A per-device batch of 1 vs a batch of 4 is another program: float32 rounding.
+                np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
+
+
+def test_one_device_mesh_is_the_default_path(dataset):
+    models = random_models(1)
+    a = extract_features(models, dataset, batch_size=4, image_size=SIZE)
+    b = extract_features(models, dataset, batch_size=4, image_size=SIZE,
+                         mesh=batch_mesh(jax.devices()[:1]))
+    np.testing.assert_array_equal(a[0]["layer3.1"], b[0]["layer3.1"])
+
+
+# ---------------------------------------------------------------- resume
+
+
+class Interrupt:
+    """A progress callback that presses Ctrl-C after ``after`` batches, and counts batches."""
+
+    def __init__(self, after: int | None = None):
+        self.after, self.calls = after, []
+
+    def __call__(self, _desc: str, completed: int, _total: int) -> None:
+        self.calls.append(completed)
+        if self.after is not None and len(self.calls) >= self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("save_every", [0.0, float("inf")])
+def test_an_interrupted_extraction_resumes_where_it_stopped(dataset, tmp_path, save_every):
+    # save_every=0 saves after every batch (a crash loses nothing); inf saves only when the
+    # interrupt unwinds the loop. Either way the second run starts after the saved rows.
+    models = random_models(2)
+    kw = dict(batch_size=3, image_size=SIZE, workers=2)
+    clean = extract_features(models, dataset, **kw)
+
+    partials = [cache.PartialFeatures(tmp_path / f"m{i}.partial") for i in range(2)]
+    first = Interrupt(after=2)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(models, dataset, partials=partials, save_every=save_every,
+                         progress=first, **kw)
+    assert first.calls == [3, 6]
+    assert all(p.load(len(dataset), ("layer3.0",))[0] == 6 for p in partials)
+
+    second = Interrupt()
+    resumed = extract_features(models, dataset, partials=partials, save_every=save_every,
+                               progress=second, **kw)
+    # It reported the resume point, then did only the two remaining batches (6:9, 9:10).
+    assert second.calls == [6, 9, 10]
+    for r, c in zip(resumed, clean, strict=True):
+        for block in c:
+            # Same programs on the same pixels: bitwise equal to the uninterrupted run.
+            np.testing.assert_array_equal(r[block], c[block])
+
+
+# ---------------------------------------------------------------- persistent compilation cache
+
+_COUNT_COMPILES = textwrap.dedent("""
+    import json, sys
+    import jax
+    counts = {"hits": 0, "requests": 0}
+    def listen(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            counts["hits"] += 1
+        if event == "/jax/compilation_cache/compile_requests_use_cache":
+            counts["requests"] += 1
+    jax.monitoring.register_event_listener(listen)
+    from ddscore_jax.cli.app import main
+    sys.argv = ["ddscore-jax", *sys.argv[1:]]
+    try:
+        main()
+    except SystemExit as e:
+        assert not e.code, e.code
+    print(json.dumps(counts), file=sys.stderr)
+""")
+
+
+def make_zoo(root: Path, n: int = 1) -> Path:
+    additions = [zoo.Addition(f"net{i}", root / f"net{i}.pth", "pytorch", f"{i:064x}",
+                              ImportedModel("resnet18", model.init_flat("resnet18", seed=i)))
+                 for i in range(n)]
+    zoo.add(root, additions)
+    return root
+
+
+def test_a_second_command_compiles_nothing(tmp_path):
+    zoo_dir = make_zoo(tmp_path / "zoo")
+    data_dir = write_mixed_folder(tmp_path / "data", per_class=3)
+    env = {**os.environ, "DDSCORE_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+    def run() -> dict:
+        # --no-cache: the features are recomputed, so the forward really runs both times.
+        r = subprocess.run([sys.executable, "-c", _COUNT_COMPILES, "rank", str(zoo_dir),
+                            str(data_dir), "--image-size", str(SIZE), "--batch-size", "4",
+                            "--no-cache"], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stderr.strip().splitlines()[-1])
+
+    first = run()
+    programs = list((tmp_path / "cache" / "jax").iterdir())
+    assert first["requests"] > 0 and first["hits"] == 0 and programs
+    second = run()
+    # Every program the second command needed came from the cache written by the first.
+    assert second["requests"] == first["requests"]
+    assert second["hits"] == second["requests"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "jax").iterdir()) == \
+        sorted(p.name for p in programs)
