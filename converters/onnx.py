@@ -124,6 +124,7 @@ class _Graph:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             self.nodes.append(_Node(n.op_type, inputs, list(n.output), attrs))
         self._consumers: dict[str, list[_Node]] = {}
+        self._producer = {o: n for n in self.nodes for o in n.outputs if o}
         for n in self.nodes:
             for i in n.inputs:
                 if i:
@@ -138,6 +139,16 @@ class _Graph:
         """The nodes that read ``tensor``'s values; Shape/Size read only its metadata."""
         return [n for n in self._consumers.get(self.canon(tensor), [])
                 if n.op not in _METADATA_ONLY]
+
+    def normalises_non_conv_outputs(self) -> bool:
+        """True when some BatchNormalization reads a tensor no Conv wrote: the mark of a
+        pre-activation ResNet (BN -> ReLU -> Conv), where torchvision's v1 has Conv -> BN."""
+        for n in self.nodes:
+            if n.op == "BatchNormalization":
+                producer = self._producer.get(n.inputs[0])
+                if producer is None or producer.op != "Conv":
+                    return True
+        return False
 
     def const(self, name: str) -> np.ndarray | None:
         return self.consts.get(self.canon(name)) if name else None
@@ -259,6 +270,17 @@ class _Walker:
 
     def walk(self) -> dict[str, np.ndarray]:
         """Return the flat tree: ``conv1``, ``layer1..4.*`` (folded, HWIO) and ``fc.*`` if any."""
+        try:
+            return self._walk()
+        except InputError:
+            # Where the match fails in a v2 graph depends on its stem; name the real cause.
+            if self.g.normalises_non_conv_outputs():
+                raise self.fail("pre-activation ResNet (v2: BatchNorm and ReLU before each "
+                                "convolution) is not supported; only torchvision's ResNet18/34 "
+                                "(v1)") from None
+            raise
+
+    def _walk(self) -> dict[str, np.ndarray]:
         if len(self.g.inputs) != 1:
             raise self.fail(f"expected one image input, found {len(self.g.inputs)} graph inputs")
         x = self._stem(self.g.inputs[0])
