@@ -12,12 +12,16 @@ import numpy as np
 # BatchNormalization nodes read their parameters through Identity. Dynamo exporter: optimised
 # (folded BN, ReduceMean head, weights in `.onnx.data` beside the model by default) and unoptimised
 # (BatchNormalization plus Shape/Expand/CastLike/Constant plumbing). "external" re-saves the graph
-# with one weights file per tensor in a sub-folder; "dynamic" exports a dynamic batch axis.
+# with one weights file per tensor in a sub-folder; "dynamic" exports a dynamic batch axis;
+# "modules-as-functions" nests the graph in local functions, which the importer inlines.
 VARIANTS: dict[str, dict] = {
     "ts-opset13": dict(dynamo=False, opset_version=13),
     "ts-opset15-dynamic-initializers-as-inputs": dict(
         dynamo=False, opset_version=15, dynamic=True, keep_initializers_as_inputs=True),
     "ts-opset18-dynamic": dict(dynamo=False, opset_version=18, dynamic=True),
+    # Every torch module a local ONNX function (torch crashes on this without constant folding).
+    "ts-opset15-modules-as-functions": dict(
+        dynamo=False, opset_version=15, export_modules_as_functions=True),
     "ts-opset18-external": dict(dynamo=False, opset_version=18, external="per-tensor"),
     "ts-unfolded-opset13": dict(dynamo=False, opset_version=13, do_constant_folding=False),
     "ts-unfolded-opset17-dynamic": dict(
