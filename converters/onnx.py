@@ -291,8 +291,7 @@ class _Walker:
             convs = [n for n in self.g.consumers(x) if n.op == "Conv"]
             if not convs:
                 break
-            # torchvision's layer1 keeps its width, so a downsample shortcut starts every later
-            # stage.
+            # torchvision's layer1 keeps its width: a downsample shortcut starts each later stage.
             has_downsample = len(convs) > 1
             if blocks and has_downsample:
                 stage, index = stage + 1, 0
