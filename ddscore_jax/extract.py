@@ -158,23 +158,38 @@ class ZooForward:
         lo = jax.process_index() * per_process
         return lo, lo + per_process
 
-    def dispatch(self, local_images: np.ndarray, padded: int) -> list[dict[str, jax.Array]]:
-        """Start the forward of every model on one batch; returns device arrays without waiting.
+    def dispatch(self, local_images: np.ndarray, padded: int) -> list[tuple[list[int], dict]]:
+        """Start the forward of every model on one batch and return without waiting.
 
         ``local_images`` are this process's rows of a (padded, S, S, 3) batch (all rows on one
-        host); the result is per model (input order) ``{"layer3.i": (padded, 256)}``.
+        host). Returns ``(model indices, {"layer3.i": device array})`` per compiled call: the
+        arrays are (len(indices), padded, 256) for a vmapped group, (padded, 256) for one model.
+        :meth:`fetch` brings them to the host.
         """
         x = jax.make_array_from_process_local_data(
             self.data_sharding, local_images, (padded, *local_images.shape[1:]))
-        out: list[dict[str, jax.Array]] = [{} for _ in range(self.n_models)]
+        calls = []
         for arch, idx in self.groups.items():
             if self.strategy == "vmap":
-                feats = _forward_stacked(self.params[arch], x, arch, self.num_blocks, self.dtype)
-                for j, i in enumerate(idx):
-                    out[i] = {k: v[j] for k, v in feats.items()}
+                calls.append((idx, _forward_stacked(self.params[arch], x, arch, self.num_blocks,
+                                                    self.dtype)))
             else:
                 for state, i in zip(self.params[arch], idx, strict=True):
-                    out[i] = _forward_one(state, x, arch, self.num_blocks, self.dtype)
+                    calls.append(([i], _forward_one(state, x, arch, self.num_blocks,
+                                                    self.dtype)))
+        return calls
+
+    def fetch(self, calls: list[tuple[list[int], dict]]) -> list[dict[str, np.ndarray]]:
+        """The result of :meth:`dispatch` on the host: per model ``{"layer3.i": (padded, 256)}``.
+
+        Each call's arrays cross to the host once (gathered from every process when the mesh
+        spans several), then are split per model there.
+        """
+        out: list[dict[str, np.ndarray]] = [{} for _ in range(self.n_models)]
+        for idx, feats in calls:
+            host = {k: _to_host(v) for k, v in feats.items()}
+            for j, i in enumerate(idx):
+                out[i] = {k: v[j] if self.strategy == "vmap" else v for k, v in host.items()}
         return out
 
     def __call__(self, images: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -187,8 +202,8 @@ class ZooForward:
         if padded != b:
             images = np.concatenate([images, np.zeros((padded - b, *images.shape[1:]),
                                                       images.dtype)])
-        return [{k: _to_host(v)[:b] for k, v in feats.items()}
-                for feats in self.dispatch(images, padded)]
+        return [{k: v[:b] for k, v in feats.items()}
+                for feats in self.fetch(self.dispatch(images, padded))]
 
 
 def extract_features(
@@ -251,17 +266,17 @@ def extract_features(
                 p.append(saved, done, {b: out[b][saved:done] for b in blocks})
         saved, last_save = done, time.monotonic()
 
-    def collect(batch: pipeline.Batch, device_out: list[dict[str, jax.Array]]) -> None:
+    def collect(batch: pipeline.Batch, calls) -> None:
         nonlocal done
-        for out, result in zip(feats, device_out, strict=True):
+        for out, result in zip(feats, forward.fetch(calls), strict=True):
             for b in blocks:
-                out[b][batch.start:batch.stop] = _to_host(result[b])[: batch.size]
+                out[b][batch.start:batch.stop] = result[b][: batch.size]
         done = batch.stop
 
     inflight = None  # the previous batch, still computing while the next one is dispatched
+    batches = pipeline.iter_batches(dataset, image_size, padded, start=done, rows=(lo, hi),
+                                    workers=workers, prefetch=prefetch)
     try:
-        batches = pipeline.iter_batches(dataset, image_size, padded, start=done, rows=(lo, hi),
-                                        workers=workers, prefetch=prefetch)
         for batch in batches:
             dispatched = (batch, forward.dispatch(batch.images, padded))
             if inflight is not None:
@@ -276,6 +291,7 @@ def extract_features(
             if progress:
                 progress("extracting features", done, n)
     except BaseException:
+        batches.close()  # stop the decode threads now, not when the generator is collected
         try:
             save_progress()
         except Exception:  # noqa: BLE001, S110 - the original error is the one worth reporting
