@@ -17,7 +17,10 @@ from ddscore_jax.errors import InputError
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
 # Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")
-BN_EPS = 1e-5  # torchvision's BatchNorm2d default; a state_dict does not record it
+# torchvision's BatchNorm2d default (a state_dict does not record it), as the float32 value
+# torch's float32 kernel adds and ONNX stores: .pth and unfolded-ONNX imports then agree bit
+# for bit.
+BN_EPS = float(np.float32(1e-5))
 
 
 def load_pth(path: Path) -> ImportedModel:

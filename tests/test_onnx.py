@@ -40,15 +40,12 @@ LOGITS_RTOL = 1e-4
 # exporter in float32, or by us in float64 from the same float32 values: measured <= 1.6e-7.
 PARAM_RTOL = 1e-6
 # D-deepscore (scores lie in [0, classes]) of the .pth import vs the ONNX import, |difference|.
-# The score moves by ~1e-6 when a few elements of one early conv kernel move by one float32 ulp,
-# and today the two imports' float32 weights are not identical:
-# - exporter-folded graphs: the exporter rounded the folded weights to float32 (~1.6e-7 of each
-#   tensor's scale vs folding in float64): measured 2e-7 .. 3.2e-6 over 36 draws;
-# - unfolded graphs: ONNX stores BatchNorm's epsilon as float32 (9.99999975e-06) where the .pth
-#   path folds with 1e-5, which flips the rounding of a few kernel elements: measured 0 .. 1e-6
-#   over 24 draws (with float32(1e-5) on the .pth path, the two trees are bit-identical).
-# The issue's 1e-6 is therefore met only by some draws; 1e-5 is the tolerance that holds.
-SCORE_ATOL = 1e-5
+# Unfolded graphs import bit-identically to the .pth (both fold with float32(1e-5)). Exporter-folded
+# graphs carry weights the exporter rounded to float32 (~1.6e-7 of each tensor's scale), which moves
+# the features by ~5e-7 relative; the score then moves by ~1e-6 when the train split is tiny
+# (24 samples) but by <= 4e-7 at a realistic 240 samples (measured over 3 draws), hence SCORE_N.
+SCORE_ATOL = 1e-6
+SCORE_N = 300
 # Every variant on resnet18; on resnet34 a folded, an unfolded and a dynamo graph (exports are
 # most of this file's time).
 RESNET34_VARIANTS = ("ts-opset13", "ts-unfolded-opset17-dynamic", "dynamo-unoptimized")
@@ -144,7 +141,7 @@ def test_imported_features_match_torchvision(exports, arch, variant):
                                           ("resnet18", "dynamo-dynamic")])
 def test_pth_and_onnx_imports_score_alike(exports, arch, variant):
     rng = np.random.default_rng()
-    n = 30
+    n = SCORE_N
     labels = rng.permutation(np.arange(n) % 3)
     # Classes that differ in their images, as in the data the score is meant for.
     centres = rng.normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3))
