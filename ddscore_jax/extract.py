@@ -67,6 +67,8 @@ def initialize_distributed() -> None:
     """
     if os.environ.get("DDSCORE_JAX_DISTRIBUTED", "") not in ("", "0") and \
             not jax.distributed.is_initialized():
+        # Gathering features across CPU hosts needs CPU collectives (GPUs use NCCL regardless).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
             num_processes=_env_int("JAX_NUM_PROCESSES"),

@@ -221,6 +221,54 @@ def test_four_devices_give_the_features_of_one(tmp_path):
                 np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
 
 
+_HOST = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from ddscore_jax.extract import initialize_distributed
+    initialize_distributed()  # from DDSCORE_JAX_DISTRIBUTED and JAX_* variables, as the CLI does
+    import jax
+    from ddscore_jax import data, model
+    from ddscore_jax.extract import LoadedModel, extract_features
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
+    models = [LoadedModel("m0", "resnet18", model.init_flat("resnet18", seed=0))]
+    feats = extract_features(models, data.scan(sys.argv[1]), batch_size=3, image_size=32,
+                             workers=1)
+    np.savez(sys.argv[2], **{f"{i}/{b}": f[b] for i, f in enumerate(feats) for b in f})
+""")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_hosts_give_the_features_of_one(tmp_path):
+    # Two processes of 2 CPU devices each, joined by jax.distributed on this machine: the same
+    # code path a multi-host run takes. Each decodes only its half of every batch.
+    root = write_mixed_folder(tmp_path / "data", per_class=4)
+    sorted((root / "ok").iterdir())[-1].unlink()  # 7 images
+    base = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_PLATFORMS": "cpu", "DDSCORE_JAX_DISTRIBUTED": "1", "JAX_NUM_PROCESSES": "2",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}"}
+    procs = [subprocess.Popen([sys.executable, "-c", _HOST, str(root), str(tmp_path / f"{i}.npz")],
+                              env={**base, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    ref = extract_features(random_models(1), data.scan(root), batch_size=3, image_size=SIZE)
+    for i in range(2):
+        with np.load(tmp_path / f"{i}.npz") as z:
+            for m in range(1):
+                for block in ("layer3.0", "layer3.1"):
+                    # Every host ends with all 7 rows; per-device batches of 1 vs 3: rounding.
+                    np.testing.assert_allclose(z[f"{m}/{block}"], ref[m][block], rtol=1e-5,
+                                               atol=1e-6)
+
+
 def test_one_device_mesh_is_the_default_path(dataset):
     models = random_models(1)
     a = extract_features(models, dataset, batch_size=4, image_size=SIZE)
