@@ -1,0 +1,542 @@
+"""Baseline transferability metrics, jitted and vectorised over models and blocks like D-deepscore.
+
+Every feature-based metric takes ``features`` of shape (..., n, d) and integer ``labels`` (n,) and
+returns one float64 number per leading index, shape ``features.shape[:-2]``; higher means "expected
+to transfer better" for all of them. The head-based metrics (LEEP, NCE) take the source classifier's
+softmax outputs (..., n, Z) instead of features. Each is written from its paper's definition; the
+definitions, the numerical choices and where they differ from the widely copied reference code are
+in docs/metrics.md.
+
+As in ``score.py``, one compiled program scores every (model, block) matrix at once (``jax.vmap``
+over the flattened leading axes), in float64 wherever the backend has it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddscore_jax.score import BLOCKS, RCOND, ModelScore, precision_for, train_indices
+from ddscore_jax.score import block_scores as ddscore
+
+TRANSRATE_EPS = 1e-4  # the distortion of TransRate's coding rate (eps^2 of the paper, see docs)
+LOGME_TOL = 1e-10  # relative change of alpha and beta at which the fixed point counts as reached
+LOGME_MAX_ITER = 10_000
+LOGME_BOUNDARY = 1e-12  # stop when gamma or n - gamma < this * n: a limit, not a point (docs)
+KNN_ROW_BLOCK = 512  # rows of the n x n distance matrix held at once, per matrix
+
+
+class _Labels(NamedTuple):
+    """Label encodings shared by every matrix of a batch (built once, outside jit)."""
+
+    onehot: jax.Array  # (n, C) 0/1
+    members: jax.Array  # (C, m) row indices of each class, padded with 0; m >= largest class
+    member_mask: jax.Array  # (C, m) 1 where ``members`` is a real row
+
+
+def _encode_labels(labels: np.ndarray, n: int, dtype, *, min_classes: int = 2) -> _Labels:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels {labels.shape} do not match {n} samples")
+    classes, index = np.unique(labels, return_inverse=True)
+    if len(classes) < min_classes:
+        raise ValueError(f"needs at least {min_classes} classes, got {len(classes)}")
+    counts = np.bincount(index, minlength=len(classes))
+    # Padded to a power of two (at most n) so that new label draws rarely mean a new compilation.
+    width = min(n, 1 << int(counts.max() - 1).bit_length())
+    members = np.zeros((len(classes), width), dtype=np.int32)
+    mask = np.zeros(members.shape, dtype=dtype)
+    for c in range(len(classes)):
+        rows = np.flatnonzero(index == c)
+        members[c, : len(rows)] = rows
+        mask[c, : len(rows)] = 1.0
+    onehot = np.eye(len(classes), dtype=dtype)[index]
+    return _Labels(jnp.asarray(onehot), jnp.asarray(members), jnp.asarray(mask))
+
+
+@partial(jax.jit, static_argnames=("fn",))
+def _batched(fn: Callable, x: jax.Array, labels: _Labels):
+    # x: (..., n, d). One compiled program for every model and block at once.
+    flat = x.reshape((-1, *x.shape[-2:]))
+    out = jax.vmap(fn, in_axes=(0, None))(flat, labels)
+    return jax.tree.map(lambda a: a.reshape(x.shape[:-2] + a.shape[1:]), out)
+
+
+def _run(fn: Callable, x: np.ndarray, labels: np.ndarray | None, precision: str | None):
+    """Apply the per-matrix ``fn`` to each (n, d) matrix of ``x`` (..., n, d); float64 NumPy out."""
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"expected an array of shape (..., n, d), got {x.shape}")
+    precision = precision or precision_for()
+    dtype = np.float64 if precision == "float64" else np.float32
+    with jax.enable_x64(precision == "float64"):
+        if labels is None:  # a label-free computation (Ledoit-Wolf): one dummy class
+            enc = _Labels(jnp.ones((x.shape[-2], 1), dtype), jnp.zeros((1, 1), jnp.int32),
+                          jnp.zeros((1, 1), dtype))
+        else:
+            enc = _encode_labels(labels, x.shape[-2], dtype)
+        out = _batched(fn, jnp.asarray(x, dtype), enc)
+        return jax.tree.map(lambda a: np.asarray(a, dtype=np.float64), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared linear algebra
+
+
+def _right_svd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Singular values (k,) and right singular vectors (k, d) of x (n, d), k = min(n, d)."""
+    n, d = x.shape
+    if n > d:
+        # QR first: the SVD of the d x d factor has the same singular values and right vectors,
+        # and QR keeps the small singular values that a Gram matrix would lose.
+        x = jnp.linalg.qr(x, mode="r")
+    _, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    return s, vt
+
+
+def _left_svd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Singular values (k,) and left singular vectors (n, k) of x (n, d), k = min(n, d)."""
+    n, d = x.shape
+    if n > d:
+        q, r = jnp.linalg.qr(x, mode="reduced")
+        u, s, _ = jnp.linalg.svd(r, full_matrices=False)
+        return s, q @ u
+    u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+    return s, u
+
+
+def _centred_class_means(f: jax.Array, onehot: jax.Array) -> jax.Array:
+    """(C, d): row c is sqrt(n_c) (mean of class c - overall mean).
+
+    ``M^T M`` is n times the covariance of E[f | y] (the matrix whose rows are the class means).
+    """
+    counts = onehot.sum(axis=0)
+    means = (onehot.T @ f) / counts[:, None]
+    return jnp.sqrt(counts)[:, None] * (means - f.mean(axis=0))
+
+
+def _logdet_spd(a: jax.Array) -> jax.Array:
+    # Only ever called on I + (PSD matrix): Cholesky is stable and cheaper than an LU.
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(a), axis1=-2, axis2=-1)), -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# H-score (Bao et al. 2019) and its shrinkage version (Ibrahim et al. 2022)
+
+
+def _hscore_one(f: jax.Array, lab: _Labels) -> jax.Array:
+    # tr(pinv(cov f) cov E[f|y]); the 1/(n-1) of both covariances cancels. In the right-singular
+    # basis of the centred features, pinv(cov f) is diagonal: H = sum_i |M v_i|^2 / s_i^2.
+    xc = f - f.mean(axis=0)
+    s, vt = _right_svd(xc)
+    proj = jnp.sum((_centred_class_means(f, lab.onehot) @ vt.T) ** 2, axis=0)  # (k,)
+    s2 = s**2
+    keep = s2 > RCOND * s2[0]  # pinv's cut-off, relative to the largest eigenvalue of cov f
+    return jnp.sum(jnp.where(keep, proj / jnp.where(keep, s2, 1.0), 0.0))
+
+
+def _ledoit_wolf_shrinkage(xc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Ledoit-Wolf (2004) shrinkage ``alpha`` and target scale ``mu`` for centred xc (n, d).
+
+    The estimate is ``(1 - alpha) S + alpha mu I`` with ``S = xc^T xc / n`` and ``mu = tr(S) / d``.
+    """
+    n, d = xc.shape
+    gram = xc @ xc.T if n < d else xc.T @ xc  # the smaller Gram: ||S||_F = ||gram||_F / n
+    row_sq = jnp.sum(xc**2, axis=1)
+    trace = row_sq.sum() / n
+    mu = trace / d
+    frob2 = jnp.sum(gram**2) / n**2  # ||S||_F^2
+    # delta = ||S - mu I||_F^2 / d; beta = mean over samples of ||x x^T - S||_F^2, / (d n).
+    delta = frob2 / d - mu**2
+    beta = (jnp.sum(row_sq**2) / n - frob2) / (d * n)
+    beta = jnp.minimum(beta, delta)
+    alpha = jnp.where(beta > 0, beta / jnp.where(delta > 0, delta, 1.0), 0.0)
+    return alpha, mu
+
+
+def _shrinkage_hscore_one(f: jax.Array, lab: _Labels) -> jax.Array:
+    # tr(pinv(cov_alpha f) (1 - alpha) cov E[f|y]) with cov_alpha the Ledoit-Wolf estimate. Both
+    # covariances divide by n (LW is defined on the 1/n sample covariance). In the right-singular
+    # basis of the centred features cov_alpha is diagonal: (1 - alpha) s_i^2 / n + alpha mu.
+    # Its other eigenvalue, alpha mu on the orthogonal complement, meets no part of cov E[f|y]:
+    # the centred class means lie in the row space of the centred features.
+    n, _ = f.shape
+    xc = f - f.mean(axis=0)
+    alpha, mu = _ledoit_wolf_shrinkage(xc)
+    s, vt = _right_svd(xc)
+    proj = jnp.sum((_centred_class_means(f, lab.onehot) @ vt.T) ** 2, axis=0) / n
+    eig = (1.0 - alpha) * s**2 / n + alpha * mu
+    keep = eig > RCOND * eig[0]  # eig[0] is the largest: s is sorted descending
+    return (1.0 - alpha) * jnp.sum(jnp.where(keep, proj / jnp.where(keep, eig, 1.0), 0.0))
+
+
+def _ledoit_wolf_one(x: jax.Array, lab: _Labels) -> tuple[jax.Array, jax.Array]:
+    del lab
+    xc = x - x.mean(axis=0)
+    alpha, mu = _ledoit_wolf_shrinkage(xc)
+    cov = (1.0 - alpha) * (xc.T @ xc) / x.shape[0] + alpha * mu * jnp.eye(x.shape[1], dtype=x.dtype)
+    return cov, alpha
+
+
+def ledoit_wolf(x: np.ndarray, *, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ledoit-Wolf shrunk covariance of each (n, d) matrix of ``x`` (..., n, d), data centred.
+
+    Returns ``(covariance (..., d, d), shrinkage (...))``, float64; the same estimator as
+    ``sklearn.covariance.ledoit_wolf(x, assume_centered=False)``.
+    """
+    return _run(_ledoit_wolf_one, x, None, precision)
+
+
+def hscore(features: np.ndarray, labels: np.ndarray, *,
+           precision: str | None = None) -> np.ndarray:
+    """H-score (Bao et al. 2019) of each (n, d) matrix of ``features``: shape ``shape[:-2]``.
+
+    ``tr(pinv(cov f) cov(E[f | y]))``, centred covariances, pinv cut-off ``RCOND`` relative to the
+    largest eigenvalue. When n <= d it is C - 1 for features in general position (see docs).
+    """
+    return _run(_hscore_one, features, labels, precision)
+
+
+def shrinkage_hscore(features: np.ndarray, labels: np.ndarray, *,
+                     precision: str | None = None) -> np.ndarray:
+    """Shrinkage H-score (Ibrahim et al. 2022): shape ``features.shape[:-2]``.
+
+    ``tr(pinv(cov_alpha f) (1 - alpha) cov(E[f | y]))`` with the Ledoit-Wolf estimate
+    ``cov_alpha = (1 - alpha) cov f + alpha tr(cov f)/d I``; covariances divide by n.
+    """
+    return _run(_shrinkage_hscore_one, features, labels, precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# LogME (You et al. 2021)
+
+
+class LogMEFit(NamedTuple):
+    """Per class (one-vs-rest target), shape (..., C): the maximised log evidence (not divided by
+    n), the prior precision ``alpha``, the noise precision ``beta``, and the iterations taken."""
+
+    evidence: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    iterations: np.ndarray
+
+
+def _logme_one(f: jax.Array, lab: _Labels) -> LogMEFit:
+    # Model per class c: y_c = f w + noise, w ~ N(0, alpha^-1 I_d), noise ~ N(0, beta^-1 I_n),
+    # y_c the 0/1 indicator of class c. Everything is written in the SVD f = U S V^T (k values):
+    # z = U^T y, so |m|^2, |y - f m|^2 and log|A| need only s, z and |y|^2.
+    n, d = f.shape
+    s, u = _left_svd(f)
+    k = s.shape[0]
+    sig = (s**2)[:, None]  # (k, 1) eigenvalues of f^T f (the d - k others are 0)
+    z = u.T @ lab.onehot  # (k, C)
+    # |y - U z|^2, the part of y outside range(f), formed from the residual vector rather than as
+    # |y|^2 - |z|^2: beta multiplies it, and beta is huge exactly when it is tiny.
+    if k == n:
+        perp = jnp.zeros(z.shape[1], f.dtype)
+    else:
+        perp = jnp.sum((lab.onehot - u @ z) ** 2, axis=0)
+    tiny = jnp.finfo(f.dtype).tiny
+
+    def stats(alpha, beta):
+        denom = alpha + beta * sig  # (k, C): eigenvalues of A = alpha I + beta f^T f
+        m2 = jnp.sum((beta * s[:, None] * z / denom) ** 2, axis=0)  # |m|^2, m = beta A^-1 f^T y
+        res = perp + jnp.sum((alpha * z / denom) ** 2, axis=0)  # |y - f m|^2
+        gamma = jnp.sum(beta * sig / denom, axis=0)  # effective number of parameters
+        # n - gamma written without the cancellation, so it stays exact as beta / alpha grows.
+        n_minus_gamma = (n - k) + jnp.sum(alpha / denom, axis=0)
+        return denom, m2, res, gamma, n_minus_gamma
+
+    def step(state):
+        it, alpha, beta, _ = state
+        _, m2, res, gamma, n_minus_gamma = stats(alpha, beta)
+        new_alpha = gamma / jnp.maximum(m2, tiny)
+        new_beta = n_minus_gamma / jnp.maximum(res, tiny)
+        change = jnp.maximum(jnp.abs(new_alpha / alpha - 1.0), jnp.abs(new_beta / beta - 1.0))
+        # The supremum can lie on the boundary, where the iteration walks off geometrically:
+        # beta -> infinity (no noise) when n <= d and f interpolates y well, alpha -> infinity
+        # (w = 0) when f explains nothing. Once the noise, or the weights, hold a negligible share
+        # of the n degrees of freedom, further steps only rescale one precision and change the
+        # evidence by nothing float64 can represent.
+        boundary = (n_minus_gamma < LOGME_BOUNDARY * n) | (gamma < LOGME_BOUNDARY * n)
+        change = jnp.where(boundary, 0.0, change)
+        return it + 1, new_alpha, new_beta, jnp.max(change)
+
+    def not_done(state):
+        it, _, _, change = state
+        return (it < LOGME_MAX_ITER) & (change > LOGME_TOL)
+
+    ones = jnp.ones(z.shape[1], f.dtype)
+    it, alpha, beta, _ = jax.lax.while_loop(
+        not_done, step, (jnp.int32(0), ones, ones, jnp.asarray(jnp.inf, f.dtype)))
+    # The evidence of the final (alpha, beta), with m and the residual recomputed for exactly those
+    # values, so it is the exact log marginal likelihood even if the loop stopped early.
+    denom, m2, res, _, _ = stats(alpha, beta)
+    # log|A| over all d eigenvalues: the k from the SVD plus d - k that equal alpha. The widely
+    # copied fixed-point code drops the (d - k) log(alpha) term, which matters when n < d.
+    logdet_a = jnp.sum(jnp.log(denom), axis=0) + (d - k) * jnp.log(alpha)
+    evidence = (n / 2 * jnp.log(beta) + d / 2 * jnp.log(alpha) - n / 2 * math.log(2 * math.pi)
+                - beta / 2 * res - alpha / 2 * m2 - logdet_a / 2)
+    return LogMEFit(evidence, alpha, beta, jnp.broadcast_to(it, alpha.shape))
+
+
+def _logme_score_one(f: jax.Array, lab: _Labels) -> jax.Array:
+    return jnp.mean(_logme_one(f, lab).evidence) / f.shape[0]
+
+
+def logme_fit(features: np.ndarray, labels: np.ndarray, *,
+              precision: str | None = None) -> LogMEFit:
+    """The per-class LogME evidence maximisation behind :func:`logme`; fields of shape (..., C)."""
+    fit = _run(_logme_one, features, labels, precision)
+    return fit._replace(iterations=fit.iterations.astype(np.int64))
+
+
+def logme(features: np.ndarray, labels: np.ndarray, *,
+          precision: str | None = None) -> np.ndarray:
+    """LogME (You et al. 2021): shape ``features.shape[:-2]``.
+
+    The maximised log evidence of a Bayesian linear model from the features to each class's 0/1
+    indicator, averaged over classes and divided by n. Raw (uncentred) features, as in the paper.
+    """
+    return _run(_logme_score_one, features, labels, precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# TransRate (Huang et al. 2022)
+
+
+def _transrate_one(f: jax.Array, lab: _Labels) -> jax.Array:
+    # R(Z) - R(Z|Y) with R(Z) = 1/2 logdet(I + Z^T Z / (n eps)) on the centred features and
+    # R(Z|Y) = sum_c n_c / n R(Z_c), Z_c the rows of class c (centred with the overall mean).
+    n, d = f.shape
+    z = f - f.mean(axis=0)
+    counts = lab.member_mask.sum(axis=1)  # (C,)
+    if n < d:
+        # logdet(I_d + Z^T Z) = logdet(I_n + Z Z^T): work on the sample side. Class c's Gram is
+        # Z Z^T with the rows and columns of other classes zeroed (they add identity blocks).
+        gram = z @ z.T
+        mask = lab.onehot.T  # (C, n)
+        gram_c = mask[:, :, None] * gram[None] * mask[:, None, :]
+    else:
+        gram = z.T @ z
+        zc = z[lab.members] * lab.member_mask[..., None]  # (C, m, d), padding rows zero
+        gram_c = jnp.swapaxes(zc, 1, 2) @ zc
+    scaled = jnp.concatenate([gram[None] / (n * TRANSRATE_EPS),
+                              gram_c / (counts * TRANSRATE_EPS)[:, None, None]])
+    # One batched Cholesky for all C + 1 matrices, not two: jaxlib 0.10's CPU LAPACK kernels
+    # wait on the XLA thread pool for their batch, and two such calls running side by side can
+    # deadlock it on a 2-core machine.
+    rates = 0.5 * _logdet_spd(jnp.eye(gram.shape[0], dtype=f.dtype) + scaled)
+    return rates[0] - jnp.sum(counts / n * rates[1:])
+
+
+def transrate(features: np.ndarray, labels: np.ndarray, *,
+              precision: str | None = None) -> np.ndarray:
+    """TransRate (Huang et al. 2022), coding-rate difference with eps = 1e-4: ``shape[:-2]``.
+
+    ``R(Z) - sum_c n_c/n R(Z_c)``, ``R(Z) = 1/2 logdet(I + Z^T Z / (n eps))``, Z the centred
+    features (in nats). See docs/metrics.md for how this relates to the paper's eps^2 and d.
+    """
+    return _run(_transrate_one, features, labels, precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# GBC (Pandy et al. 2022)
+
+
+def _gbc_one(f: jax.Array, lab: _Labels) -> jax.Array:
+    # Class c ~ N(mu_c, var_c I_d), var_c the mean over dimensions of the per-dimension (1/n_c)
+    # variances. Bhattacharyya distance between two such Gaussians, var = (var_i + var_j) / 2:
+    #   D = |mu_i - mu_j|^2 / (8 var) + d/2 ln(var / sqrt(var_i var_j)),   BC = exp(-D);
+    # GBC = -sum over ordered pairs i != j of BC (each unordered pair counted twice).
+    d = f.shape[1]
+    onehot = lab.onehot
+    counts = onehot.sum(axis=0)
+    means = (onehot.T @ f) / counts[:, None]  # (C, d)
+    # Two-pass variance: subtract each row's class mean before squaring.
+    resid = f - onehot @ means
+    var = (onehot.T @ resid**2).sum(axis=1) / (counts * d)  # (C,)
+    # A one-sample class has zero variance: its BC with any other class tends to 0, which the
+    # floor keeps finite instead of nan.
+    var = jnp.maximum(var, jnp.finfo(f.dtype).tiny)
+    avg = (var[:, None] + var[None, :]) / 2
+    sq = jnp.sum((means[:, None, :] - means[None, :, :]) ** 2, axis=-1)
+    dist = sq / (8 * avg) + d / 2 * (jnp.log(avg) - 0.5 * (jnp.log(var)[:, None]
+                                                           + jnp.log(var)[None, :]))
+    bc = jnp.exp(-dist)
+    off = 1.0 - jnp.eye(bc.shape[0], dtype=f.dtype)
+    return -jnp.sum(bc * off)
+
+
+def gbc(features: np.ndarray, labels: np.ndarray, *,
+        precision: str | None = None) -> np.ndarray:
+    """GBC (Pandy et al. 2022), spherical Gaussians: shape ``features.shape[:-2]``, in [-C(C-1), 0].
+
+    Minus the sum over ordered class pairs of the Bhattacharyya coefficient between per-class
+    Gaussians ``N(mean_c, var_c I)``, ``var_c`` the average per-dimension variance of class c.
+    """
+    return _run(_gbc_one, features, labels, precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Leave-one-out 1-nearest-neighbour accuracy
+
+
+def _knn_one(f: jax.Array, lab: _Labels) -> jax.Array:
+    n = f.shape[0]
+    sq = jnp.sum(f**2, axis=1)
+    rows = min(n, KNN_ROW_BLOCK)
+    blocks = -(-n // rows)
+    idx = jnp.minimum(jnp.arange(blocks * rows), n - 1).reshape(blocks, rows)
+    cols = jnp.arange(n)
+
+    # Row blocks bound the memory to (rows, n) per matrix instead of (n, n).
+    def nearest(r):
+        d2 = sq[r][:, None] + sq[None, :] - 2.0 * (f[r] @ f.T)
+        d2 = jnp.where(r[:, None] == cols[None, :], jnp.inf, d2)  # leave the sample itself out
+        return jnp.argmin(d2, axis=1)  # ties: the lowest index
+
+    nn = jax.lax.map(nearest, idx).reshape(-1)[:n]
+    return jnp.mean(jnp.sum(lab.onehot[nn] * lab.onehot, axis=1))
+
+
+def knn(features: np.ndarray, labels: np.ndarray, *,
+        precision: str | None = None) -> np.ndarray:
+    """Leave-one-out 1-NN accuracy (Euclidean) in [0, 1]: shape ``features.shape[:-2]``."""
+    return _run(_knn_one, features, labels, precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# LEEP (Nguyen et al. 2020) and NCE (Tran et al. 2019): functions of the source head's outputs
+
+
+def _leep_one(p: jax.Array, lab: _Labels) -> jax.Array:
+    # p (n, Z): source softmax outputs. Empirical joint P(y, z) = 1/n sum_{i: y_i = y} p_iz,
+    # P(y | z) = P(y, z) / P(z); LEEP = 1/n sum_i log sum_z P(y_i | z) p_iz.
+    n = p.shape[0]
+    joint = lab.onehot.T @ p / n  # (C, Z)
+    marg = joint.sum(axis=0)
+    # A source class that no sample puts mass on (e.g. padding) contributes nothing.
+    cond = jnp.where(marg > 0, joint / jnp.where(marg > 0, marg, 1.0), 0.0)
+    eep = jnp.sum((p @ cond.T) * lab.onehot, axis=1)  # (n,)
+    return jnp.mean(jnp.log(eep))
+
+
+def _nce_one(p: jax.Array, lab: _Labels) -> jax.Array:
+    # z_i = argmax source class; NCE = -H(Y | Z) = sum_{y,z} P(y, z) log P(y | z), empirical.
+    n, nz = p.shape
+    src = jax.nn.one_hot(jnp.argmax(p, axis=1), nz, dtype=p.dtype)
+    joint = lab.onehot.T @ src / n  # (C, Z)
+    marg = joint.sum(axis=0)
+    safe = jnp.where(joint > 0, joint, 1.0)
+    return jnp.sum(jnp.where(joint > 0, joint * jnp.log(safe / jnp.where(marg > 0, marg, 1.0)),
+                             0.0))
+
+
+def _check_probs(p: np.ndarray) -> np.ndarray:
+    p = np.asarray(p)
+    if p.ndim < 2:
+        raise ValueError(f"expected source probabilities of shape (..., n, Z), got {p.shape}")
+    if np.any(p < 0) or not np.allclose(p.sum(axis=-1), 1.0, atol=1e-3):
+        raise ValueError("source probabilities must be non-negative and sum to 1 over Z")
+    return p
+
+
+def leep(source_probs: np.ndarray, labels: np.ndarray, *,
+         precision: str | None = None) -> np.ndarray:
+    """LEEP (Nguyen et al. 2020) from the source head's softmax outputs (..., n, Z).
+
+    Returns shape ``source_probs.shape[:-2]``, a mean log-likelihood (<= 0).
+    """
+    return _run(_leep_one, _check_probs(source_probs), labels, precision)
+
+
+def nce(source_probs: np.ndarray, labels: np.ndarray, *,
+        precision: str | None = None) -> np.ndarray:
+    """NCE (Tran et al. 2019): minus the empirical conditional entropy H(Y | Z), in nats.
+
+    Z is the argmax of the source head's outputs (..., n, Z). Returns ``source_probs.shape[:-2]``.
+    """
+    return _run(_nce_one, _check_probs(source_probs), labels, precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and model-level scoring
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A transferability metric: ``fn(x, labels, precision=None) -> array of x.shape[:-2]``.
+
+    ``x`` is features (..., n, d) for feature metrics, or the source head's softmax outputs
+    (..., n, Z) when ``needs_head``. Higher is better for all of them.
+    """
+
+    name: str
+    fn: Callable[..., np.ndarray]
+    needs_head: bool
+    summary: str
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("ddscore", ddscore, False, "D-deepscore: tr(pinv(F) G), uncentred (SPEC 1)"),
+    Metric("hscore", hscore, False, "H-score: tr(pinv(cov f) cov E[f|y])"),
+    Metric("shrinkage_hscore", shrinkage_hscore, False, "H-score with Ledoit-Wolf cov f"),
+    Metric("logme", logme, False, "LogME: max log evidence / n, mean over classes"),
+    Metric("transrate", transrate, False, "TransRate: R(Z) - R(Z|Y), eps 1e-4"),
+    Metric("gbc", gbc, False, "GBC: -sum of Bhattacharyya coefficients, spherical"),
+    Metric("knn", knn, False, "leave-one-out 1-NN accuracy"),
+    Metric("leep", leep, True, "LEEP: log expected empirical prediction"),
+    Metric("nce", nce, True, "NCE: -H(Y | source argmax)"),
+)}
+
+
+def score_models(
+    inputs: Mapping[str, Mapping[str, np.ndarray] | np.ndarray],
+    labels: np.ndarray,
+    *,
+    metric: str,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    blocks: Sequence[str] = BLOCKS,
+    precision: str | None = None,
+) -> list[ModelScore]:
+    """Score every model with one metric; returns them ranked, best first.
+
+    For a feature metric ``inputs[name][block]`` is (n, d) and the model's score is the mean over
+    ``blocks``; for a head metric ``inputs[name]`` is the source softmax output (n, Z) (Z may differ
+    between models) and ``block_scores`` is empty. All models use the same seeded split as
+    D-deepscore (:func:`ddscore_jax.score.train_indices`) and are scored in one call.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    m = METRICS[metric]
+    names = list(inputs)
+    if not names:
+        return []
+    labels = np.asarray(labels)
+    idx = train_indices(len(labels), train_fraction, seed)
+    if m.needs_head:
+        probs = [np.asarray(inputs[name])[idx] for name in names]
+        width = max(p.shape[1] for p in probs)
+        # Zero columns are source classes nobody predicts: they change neither LEEP nor NCE.
+        stacked = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in probs])
+        values = m.fn(stacked, labels[idx], precision=precision)
+        results = [ModelScore(name, float(values[i]), {}) for i, name in enumerate(names)]
+    else:
+        stacked = np.stack([np.stack([np.asarray(inputs[name][b])[idx] for b in blocks])
+                            for name in names])
+        per_block = m.fn(stacked, labels[idx], precision=precision)
+        results = [
+            ModelScore(name, float(np.mean(per_block[i])),
+                       {b: float(per_block[i, j]) for j, b in enumerate(blocks)})
+            for i, name in enumerate(names)
+        ]
+    return sorted(results, key=lambda r: -r.score)
