@@ -51,8 +51,11 @@ def _block_score(f: jax.Array, onehot: jax.Array, rcond: float) -> jax.Array:
     # Rows of g are class means; its singular values are those of the C x d matrix of class means,
     # each scaled by sqrt(class size), i.e. class sums / sqrt(class size).
     scaled_means = (onehot.T @ f) / jnp.sqrt(jnp.maximum(counts, 1.0))[:, None]
-    s_g = jnp.linalg.svd(scaled_means, compute_uv=False)
     s_f = _singular_values(f)
+    # jaxlib's CPU LAPACK kernels wait on XLA's thread pool: two independent decompositions in one
+    # program can deadlock on a 2-core machine. The barrier orders the second after the first.
+    s_f, scaled_means = jax.lax.optimization_barrier((s_f, scaled_means))
+    s_g = jnp.linalg.svd(scaled_means, compute_uv=False)
     k = min(s_g.shape[0], s_f.shape[0])
     sf2, sg2 = s_f[:k] ** 2, s_g[:k] ** 2
     keep = sf2 > rcond * s_f[0] ** 2
