@@ -88,6 +88,7 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: in
           precision: str | None = None) -> Ranking:
     """D-deepscore of every ``*.npz`` feature file in ``feats_dir`` (all from one data set)."""
     _check_options(train_fraction, 224)
+    cache.enable_compilation_cache()
     feats_dir = Path(feats_dir)
     if not feats_dir.is_dir():
         raise InputError(f"{feats_dir}: feature folder does not exist")
@@ -122,6 +123,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          progress: Progress | None = None) -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them."""
     _check_options(train_fraction, image_size)
+    cache.enable_compilation_cache()  # the forward and the score compile once per machine
     dataset = data.scan(data_root)
     entries = zoo.read_nonempty(zoo_dir)
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
@@ -144,7 +146,6 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
         # Finished batches are kept beside each entry, so an interrupted rank resumes.
         partials = ([cache.PartialFeatures(cache.partial_path(path)) for _, path in todo]
                     if use_cache else None)
-        cache.enable_compilation_cache()
         fresh = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
                                  dtype=dtype, workers=workers, partials=partials,
                                  progress=progress)

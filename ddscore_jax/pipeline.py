@@ -12,6 +12,7 @@ being decoded behind it), never by the data set's size.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -41,6 +42,19 @@ class Batch:
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+
+def _zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 buffer in its own anonymous mapping, returned to the OS when freed.
+
+    From malloc, batch-sized buffers freed by one thread and reallocated by another fragment the
+    heap: peak memory measured drifting up by ~100 MiB over 1000 images at 224 px. A mapping of
+    its own keeps it flat, and its pages are zero already.
+    """
+    nbytes = int(np.prod(shape)) * 4
+    if nbytes == 0:
+        return np.zeros(shape, np.float32)
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.float32).reshape(shape)
 
 
 def _load_into(out: np.ndarray, j: int, path: os.PathLike, image_size: int) -> None:
@@ -83,7 +97,7 @@ def iter_batches(
     if workers == 0:
         for s in starts:
             e = min(s + batch_size, stop)
-            out = np.zeros(shape, np.float32)
+            out = _zeros(shape)
             idx = mine(s, e)
             out[: len(idx)] = data.load_batch(dataset, idx, image_size)
             yield Batch(s, e, out)
@@ -98,7 +112,7 @@ def iter_batches(
             return
         e = min(s + batch_size, stop)
         # A fresh buffer per batch: the consumer may still hold (or the device alias) the last one.
-        out = np.zeros(shape, np.float32)
+        out = _zeros(shape)
         futures = [pool.submit(_load_into, out, j, dataset.root / dataset.paths[i], image_size)
                    for j, i in enumerate(mine(s, e))]
         pending.append((s, e, out, futures))

@@ -124,6 +124,15 @@ def test_memory_is_bounded_by_the_prefetch_depth_not_the_data_set(tmp_path):
 # ---------------------------------------------------------------- forward
 
 
+def test_batchnorm_is_folded_into_the_convolutions():
+    # What the forward runs on: every parameter is a convolution's kernel or bias; no BatchNorm
+    # scale, shift or running statistic is left to apply per batch.
+    for arch in model.ARCHS:
+        names = model.expected_shapes(arch)
+        assert names and all(k.rsplit(".", 1)[1] in ("kernel", "bias") for k in names)
+        assert all(".conv" in k or k.startswith("conv1.") or ".downsample." in k for k in names)
+
+
 def test_features_match_the_forward_on_the_reference_batch(dataset):
     models = random_models(2)
     feats = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2)
