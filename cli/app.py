@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from ddscore_jax.cli import trust
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -48,6 +49,11 @@ FractionOpt = Annotated[float, typer.Option(
 SeedOpt = Annotated[int, typer.Option(help="Seed of that subset: the same seed repeats exactly.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward batch.", min=1)]
 SizeOpt = Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")]
+MetricOpt = Annotated[list[str], typer.Option(
+    "--metric", metavar="NAME[,NAME...]",
+    help="Metrics to compute, one column each; the first ranks. ddscore, hscore, "
+         "shrinkage_hscore, logme, transrate, gbc, knn, leep, nce (the last two need the "
+         "checkpoint's source classifier).")]
 DtypeOpt = Annotated[str, typer.Option(
     help="Forward dtype: float32, or bfloat16 for accelerators (features change slightly; the "
          "score stays float64).")]
@@ -90,6 +96,11 @@ class _Bars:
         self.bars.update(self.tasks[description], completed=completed, total=total)
 
 
+def _split(values: list[str]) -> list[str]:
+    """``--metric a,b --metric c`` -> ``[a, b, c]``."""
+    return [v for value in values for v in value.split(",")]
+
+
 def _write_json(doc: object, dest: str | None) -> None:
     if dest is None:
         return
@@ -106,15 +117,23 @@ def _write_json(doc: object, dest: str | None) -> None:
 
 
 def _print_ranking(ranking, title: str) -> None:
-    table = Table(title=title, caption=f"score precision: {ranking.settings['precision']}")
+    metrics = ranking.settings["metrics"]
+    caption = f"score precision: {ranking.settings['precision']}"
+    if len(metrics) > 1 or metrics[0] != "ddscore":
+        caption += f"; ranked by {metrics[0]}"
+    table = Table(title=title, caption=caption)
     table.add_column("rank", justify="right")
     table.add_column("model")
-    table.add_column("D-deepscore", justify="right")
-    for block in ranking.settings["blocks"]:
+    # D-deepscore alone: its two block scores too. Several metrics: one column each.
+    blocks = ranking.settings["blocks"] if metrics == ["ddscore"] else []
+    for name in metrics:
+        table.add_column("D-deepscore" if name == "ddscore" else name, justify="right")
+    for block in blocks:
         table.add_column(block, justify="right")
     for i, m in enumerate(ranking.models, 1):
-        table.add_row(str(i), m.name, f"{m.score:.6f}",
-                      *(f"{m.block_scores[b]:.6f}" for b in ranking.settings["blocks"]))
+        values = [m.metrics.get(k, float("nan")) for k in metrics]
+        table.add_row(str(i), m.name, *("n/a" if v != v else f"{v:.6f}" for v in values),
+                      *(f"{m.block_scores[b]:.6f}" for b in blocks))
     console.print(table)
 
 
@@ -165,12 +184,14 @@ def score(
     feats: Annotated[Path, typer.Argument(help="Folder of <model>.npz files from `extract`.")],
     train_fraction: FractionOpt = 0.8,
     seed: SeedOpt = 0,
+    metric: MetricOpt = ["ddscore"],  # noqa: B006 - Typer reads the default, never mutates it
     json_out: JsonOpt = None,
 ) -> None:
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
-    ranking = api.score(feats, train_fraction=train_fraction, seed=seed)
+    ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
+                        metrics=_split(metric))
     _print_ranking(ranking, f"D-deepscore of {feats}")
     _write_json(ranking.to_json(), json_out)
 
@@ -190,6 +211,7 @@ def rank(
         "--no-cache", help="Neither read nor write cached features.")] = False,
     dtype: DtypeOpt = "float32",
     workers: WorkersOpt = None,
+    metric: MetricOpt = ["ddscore"],  # noqa: B006 - Typer reads the default, never mutates it
 ) -> None:
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
@@ -197,7 +219,8 @@ def rank(
     with _Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
-                           use_cache=not no_cache, dtype=dtype, workers=workers, progress=bars)
+                           use_cache=not no_cache, dtype=dtype, workers=workers,
+                           metrics=_split(metric), progress=bars)
     if ranking.cached:
         console.print(f"reused cached features of {len(ranking.cached)} model(s)")
     _print_ranking(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "
@@ -241,6 +264,9 @@ def demo(
     _print_ranking(ranking, f"demo: {ranking.dataset['n_images']} images of "
                             f"{', '.join(ranking.dataset['classes'])}")
     _write_json(ranking.to_json(), json_out)
+
+
+trust.register(app)  # finetune, evaluate
 
 
 def main() -> None:

@@ -19,7 +19,9 @@ from ddscore_jax.extract import (
     load_features,
     save_features,
 )
-from ddscore_jax.score import RCOND, ModelScore, precision_for, score_models
+from ddscore_jax.metrics import METRICS
+from ddscore_jax.metrics import score_models as score_with
+from ddscore_jax.score import RCOND, ModelScore, precision_for
 
 
 @dataclass
@@ -34,12 +36,19 @@ class Ranking:
     def to_json(self) -> dict:
         return {
             "models": [
-                {"name": m.name, "rank": i + 1, "score": m.score, "block_scores": m.block_scores}
+                {"name": m.name, "rank": i + 1, "score": _finite(m.score),
+                 "block_scores": m.block_scores,
+                 "metrics": {k: _finite(v) for k, v in m.metrics.items()}}
                 for i, m in enumerate(self.models)
             ],
             "dataset": self.dataset,
             "settings": self.settings,
         }
+
+
+def _finite(x: float) -> float | None:
+    # JSON has no NaN: a metric a model cannot have (LEEP without a source head) is null.
+    return None if np.isnan(x) else x
 
 
 def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[LoadedModel]]:
@@ -49,9 +58,10 @@ def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[Loade
 
 
 def _settings(train_fraction: float, seed: int, image_size: int | None, precision: str,
-              dtype: str | None = None) -> dict:
+              dtype: str | None = None, metrics: Sequence[str] = ("ddscore",)) -> dict:
     settings = {"train_fraction": train_fraction, "seed": seed, "image_size": image_size,
-                "blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision}
+                "blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision,
+                "metrics": list(metrics)}
     if image_size is None:  # scoring saved features: the image size is not ours to know
         del settings["image_size"]
     if dtype is not None:  # the forward's dtype changes the features, so the score
@@ -85,9 +95,15 @@ def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str |
 
 
 def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: int = 0,
-          precision: str | None = None) -> Ranking:
-    """D-deepscore of every ``*.npz`` feature file in ``feats_dir`` (all from one data set)."""
+          precision: str | None = None, metrics: Sequence[str] = ("ddscore",)) -> Ranking:
+    """D-deepscore (or ``metrics``) of every ``*.npz`` feature file in ``feats_dir`` (all from one
+    data set). Metrics that need the source classifier (LEEP, NCE) need ``rank``."""
     _check_options(train_fraction, 224)
+    metrics = check_metrics(metrics)
+    for m in metrics:
+        if METRICS[m].needs_head:
+            raise InputError(f"--metric {m}: needs the source classifier's predictions, which "
+                             "feature files do not hold; use `ddscore-jax rank` for it")
     cache.enable_compilation_cache()
     feats_dir = Path(feats_dir)
     if not feats_dir.is_dir():
@@ -102,27 +118,57 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: in
             raise InputError(f"{path}: features are of another data set than {files[0].name}")
     precision = precision or precision_for()
     ranked = _score({f.name: f.features for f in loaded}, first.labels, train_fraction, seed,
-                    precision, str(feats_dir))
+                    precision, str(feats_dir), metrics)
     dataset = {"root": str(feats_dir), "n_images": int(len(first.labels)),
                "classes": [str(c) for c in first.classes]}
-    return Ranking(ranked, dataset, _settings(train_fraction, seed, None, precision))
+    return Ranking(ranked, dataset, _settings(train_fraction, seed, None, precision,
+                                              metrics=metrics))
 
 
-def _score(features, labels, train_fraction, seed, precision, where) -> list[ModelScore]:
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    """The metric names asked for, in order, without repeats; InputError for an unknown one."""
+    names = list(dict.fromkeys(m.strip() for m in metrics if m.strip()))
+    for m in names:
+        if m not in METRICS:
+            raise InputError(f"--metric {m}: unknown metric; choose from {', '.join(METRICS)}")
+    return names or ["ddscore"]
+
+
+def _score(features, labels, train_fraction, seed, precision, where, metrics=("ddscore",),
+           head_probs=None) -> list[ModelScore]:
+    """Every model under every metric; ranked by the first metric (models it cannot score last)."""
+    names = list(features)
+    results: dict[str, dict[str, ModelScore]] = {}
     try:
-        return score_models(features, labels, train_fraction=train_fraction, seed=seed,
-                            precision=precision)
+        for metric in metrics:
+            inputs = features
+            if METRICS[metric].needs_head:
+                inputs = {n: p for n, p in (head_probs or {}).items() if p is not None}
+            ranked = score_with(inputs, labels, metric=metric, train_fraction=train_fraction,
+                                seed=seed, precision=precision)
+            results[metric] = {r.name: r for r in ranked}
     except ValueError as e:
         raise InputError(f"{where}: {e}") from None
+    primary = results[metrics[0]]
+    out = []
+    for name in names:
+        first = primary.get(name)
+        out.append(ModelScore(
+            name, first.score if first else float("nan"), first.block_scores if first else {},
+            {m: results[m][name].score if name in results[m] else float("nan") for m in metrics}))
+    # NaN (no source classifier for LEEP/NCE) sorts last.
+    return sorted(out, key=lambda r: (np.isnan(r.score), -np.nan_to_num(r.score)))
 
 
 def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          batch_size: int = 32, image_size: int = 224, train_fraction: float = 0.8, seed: int = 0,
          cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
          precision: str | None = None, dtype: str = "float32", workers: int | None = None,
-         progress: Progress | None = None) -> Ranking:
-    """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them."""
+         metrics: Sequence[str] = ("ddscore",), progress: Progress | None = None) -> Ranking:
+    """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them by
+    the first of ``metrics`` (D-deepscore by default), reporting all of them."""
     _check_options(train_fraction, image_size)
+    metrics = check_metrics(metrics)
     cache.enable_compilation_cache()  # the forward and the score compile once per machine
     dataset = data.scan(data_root)
     entries = zoo.read_nonempty(zoo_dir)
@@ -156,11 +202,19 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
                 cache.PartialFeatures(cache.partial_path(path)).clear()
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
-    ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root))
+    head_probs = None
+    if any(METRICS[m].needs_head for m in metrics):
+        from ddscore_jax.source_head import source_probabilities
+
+        head_probs = source_probabilities(zoo_dir, entries, dataset, batch_size=batch_size,
+                                          image_size=image_size, workers=workers,
+                                          progress=progress)
+    ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root),
+                    metrics, head_probs)
     info = {"root": str(Path(data_root).resolve()), "n_images": len(dataset),
             "classes": list(dataset.classes)}
-    return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision, dtype),
-                   cached)
+    return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision, dtype,
+                                           metrics), cached)
 
 
 __all__: Sequence[str] = ["Ranking", "extract", "rank", "score", "load_zoo"]

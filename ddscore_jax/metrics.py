@@ -25,6 +25,7 @@ import numpy as np
 
 from ddscore_jax.score import BLOCKS, RCOND, ModelScore, precision_for, train_indices
 from ddscore_jax.score import block_scores as ddscore
+from ddscore_jax.score import score_models as _score_models
 
 TRANSRATE_EPS = 1e-4  # the distortion of TransRate's coding rate (eps^2 of the paper, see docs)
 LOGME_TOL = 1e-10  # relative change of alpha and beta at which the fixed point counts as reached
@@ -522,21 +523,14 @@ def score_models(
     if not names:
         return []
     labels = np.asarray(labels)
-    idx = train_indices(len(labels), train_fraction, seed)
     if m.needs_head:
+        idx = train_indices(len(labels), train_fraction, seed)
         probs = [np.asarray(inputs[name])[idx] for name in names]
         width = max(p.shape[1] for p in probs)
         # Zero columns are source classes nobody predicts: they change neither LEEP nor NCE.
         stacked = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in probs])
         values = m.fn(stacked, labels[idx], precision=precision)
         results = [ModelScore(name, float(values[i]), {}) for i, name in enumerate(names)]
-    else:
-        stacked = np.stack([np.stack([np.asarray(inputs[name][b])[idx] for b in blocks])
-                            for name in names])
-        per_block = m.fn(stacked, labels[idx], precision=precision)
-        results = [
-            ModelScore(name, float(np.mean(per_block[i])),
-                       {b: float(per_block[i, j]) for j, b in enumerate(blocks)})
-            for i, name in enumerate(names)
-        ]
-    return sorted(results, key=lambda r: -r.score)
+        return sorted(results, key=lambda r: -r.score)
+    return _score_models(inputs, labels, train_fraction=train_fraction, seed=seed,
+                         blocks=blocks, precision=precision, metric=m.fn)

@@ -10,8 +10,8 @@ compute: two small SVDs instead of two d x d pseudo-inverses, with the same numb
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 
 import jax
@@ -94,9 +94,12 @@ def block_scores(features: np.ndarray, labels: np.ndarray, *, rcond: float = RCO
 
 @dataclass(frozen=True)
 class ModelScore:
+    """One model's result: ``score`` ranks it; ``metrics`` holds every metric asked for."""
+
     name: str
     score: float
     block_scores: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def score_models(
@@ -107,10 +110,13 @@ def score_models(
     seed: int = 0,
     blocks: Sequence[str] = BLOCKS,
     precision: str | None = None,
+    metric: Callable[..., np.ndarray] = block_scores,
 ) -> list[ModelScore]:
     """Score every model: ``features[name][block]`` is (n, d). Returns them ranked, best first.
 
     All models share the seeded train split, so they are stacked and scored in one call.
+    ``metric(x (..., n, d), labels, precision=...)`` is D-deepscore unless another is given
+    (``ddscore_jax.metrics``); a model's score is its mean over ``blocks``.
     """
     names = list(features)
     if not names:
@@ -118,7 +124,7 @@ def score_models(
     idx = train_indices(len(labels), train_fraction, seed)
     stacked = np.stack([np.stack([np.asarray(features[m][b])[idx] for b in blocks])
                         for m in names])
-    per_block = block_scores(stacked, np.asarray(labels)[idx], precision=precision)
+    per_block = metric(stacked, np.asarray(labels)[idx], precision=precision)
     results = [
         ModelScore(name, float(np.mean(per_block[i])),
                    {b: float(per_block[i, j]) for j, b in enumerate(blocks)})

@@ -250,3 +250,35 @@ def test_demo_runs_and_is_cached(tmp_path):
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout) == ranking
     assert "pre-training" not in second.stderr  # nothing rebuilt
+
+
+def test_several_metrics_one_column_each(workspace, tmp_path):
+    from ddscore_jax import metrics
+    from ddscore_jax.score import train_indices
+
+    _, _, data, zoo = workspace
+    feats = tmp_path / "feats"
+    assert cli("extract", zoo, data, "--out", feats, "--image-size", SIZE).returncode == 0
+    ranked = cli("rank", zoo, data, "--image-size", SIZE, "--metric", "logme,ddscore",
+                 "--metric", "leep", "--json", "-", "--cache-dir", tmp_path / "cache")
+    assert ranked.returncode == 0, ranked.stderr
+    doc = json.loads(ranked.stdout)
+    assert doc["settings"]["metrics"] == ["logme", "ddscore", "leep"]
+    assert "ranked by logme" in ranked.stderr
+    by_name = {m["name"]: m for m in doc["models"]}
+    scores = [m["score"] for m in doc["models"]]
+    assert scores == sorted(scores, reverse=True)  # ranked by the first metric
+    for name, m in by_name.items():
+        assert m["score"] == m["metrics"]["logme"]
+        with np.load(feats / f"{name}.npz") as z:
+            idx = train_indices(len(z["labels"]), 0.8, 0)
+            stacked = np.stack([z["layer3.0"][idx], z["layer3.1"][idx]])
+            expected = metrics.logme(stacked, z["labels"][idx]).mean()
+        assert m["metrics"]["logme"] == pytest.approx(expected, rel=1e-9)
+        # Every checkpoint here has its torchvision head, so LEEP has a value in [-inf, 0].
+        assert m["metrics"]["leep"] <= 0.0
+
+    no_head_metric = cli("score", feats, "--metric", "nce")
+    assert no_head_metric.returncode == 2 and "use `ddscore-jax rank`" in error_line(no_head_metric)
+    unknown = cli("score", feats, "--metric", "nope")
+    assert unknown.returncode == 2 and "unknown metric" in error_line(unknown)
