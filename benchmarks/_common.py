@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ddscore_jax.reference import published_score
+
 TEXTURES = ("brick", "grass", "gravel")  # greyscale 512x512 photos shipped with scikit-image
 
 
@@ -148,22 +150,6 @@ def train_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     from ddscore_jax.score import train_indices
 
     return train_indices(n, fraction, seed)
-
-
-def published_score(f: np.ndarray, y: np.ndarray) -> float:
-    """SPEC 1's four steps as the reference writes them, on the features as given (float32 from
-    the forward): class means, rotation into each matrix's own right-singular basis (NumPy's
-    default full SVD), uncentred covariances, trace(pinv(F, rcond=1e-10) @ G)."""
-    n = f.shape[0]
-    g = np.empty_like(f)
-    for c in np.unique(y):
-        g[y == c] = f[y == c].mean(axis=0)
-    _, _, vt_f = np.linalg.svd(f)
-    _, _, vt_g = np.linalg.svd(g)
-    f_rot, g_rot = f @ vt_f.T, g @ vt_g.T
-    cov_f = f_rot.T @ f_rot / (n - 1)
-    cov_g = g_rot.T @ g_rot / (n - 1)
-    return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10) @ cov_g))
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

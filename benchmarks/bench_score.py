@@ -24,7 +24,9 @@ import argparse
 import sys
 
 import numpy as np
-from _common import machine, median, published_score, timed
+from _common import machine, median, timed
+
+from ddscore_jax.reference import published_score
 
 
 def published_thin(f: np.ndarray, y: np.ndarray) -> float:

@@ -20,7 +20,13 @@ def torch_resnet(arch: str, seed: int, num_classes: int = 2):
     import torchvision
 
     torch.manual_seed(seed)
-    net = getattr(torchvision.models, arch)(num_classes=num_classes)
+    return randomise_batchnorm(getattr(torchvision.models, arch)(num_classes=num_classes))
+
+
+def randomise_batchnorm(net):
+    """Give every BatchNorm random running statistics and affine parameters; eval mode."""
+    import torch
+
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from helpers import randomise_batchnorm
 
 # Every exporter setting the ONNX importer must accept (issue 3), each once. TorchScript exporter
 # (dynamo=False): with constant folding, BatchNorm is folded into the convs; without it,
@@ -72,20 +73,6 @@ def onnxruntime_logits(path: Path, images_nhwc: np.ndarray) -> np.ndarray:
     return session.run(None, {name: np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))})[0]
 
 
-def _bn_random(net):
-    """Give every BatchNorm random statistics, as tests.helpers.torch_resnet does."""
-    import torch
-
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.3)
-                m.running_var.uniform_(0.3, 3.0)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.3)
-    return net.eval()
-
-
 def preact_resnet18(seed: int = 0):
     """He et al.'s pre-activation ResNet18 (v2): BN -> ReLU -> conv in every block, no stem BN."""
     import torch
@@ -114,7 +101,7 @@ def preact_resnet18(seed: int = 0):
     net = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1), *layers,
                         nn.BatchNorm2d(512), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(512, 2))
-    return _bn_random(net)
+    return randomise_batchnorm(net)
 
 
 def plain_conv_stack(seed: int = 0):
@@ -131,7 +118,7 @@ def plain_conv_stack(seed: int = 0):
     net = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                         nn.MaxPool2d(3, 2, 1), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(cin, 2))
-    return _bn_random(net)
+    return randomise_batchnorm(net)
 
 
 def truncated_after_layer2(net):
