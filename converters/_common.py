@@ -88,3 +88,9 @@ def split_backbone(arch: str, flat: dict[str, np.ndarray], source: str) -> Impor
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None
     return ImportedModel(arch=arch, params=params, head=head)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, capped: enough to say why, and the error stays one line."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

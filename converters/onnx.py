@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ddscore_jax.converters._common import ImportedModel, detect_arch, fold_bn, split_backbone
+from ddscore_jax.converters._common import (
+    ImportedModel,
+    detect_arch,
+    first_line,
+    fold_bn,
+    split_backbone,
+)
 
 from ddscore_jax.errors import InputError
 
@@ -65,7 +71,7 @@ def _read_model(onnx, path: Path, source: str):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise InputError(f"{source}: not an ONNX model ({_first_line(e)})") from None
+        raise InputError(f"{source}: not an ONNX model ({first_line(e)})") from None
     # Protobuf parses many non-ONNX byte strings (an empty file among them) without complaint.
     if not proto.graph.node or not proto.opset_import:
         raise InputError(f"{source}: not an ONNX model (no graph nodes or no opset)")
@@ -76,7 +82,7 @@ def _read_model(onnx, path: Path, source: str):
             proto = onnx.inliner.inline_local_functions(proto)
         except Exception as e:  # noqa: BLE001 - the inliner reports bad functions in many ways
             raise InputError(f"{source}: cannot inline the model's local functions "
-                             f"({_first_line(e)})") from None
+                             f"({first_line(e)})") from None
     return proto
 
 
@@ -217,7 +223,7 @@ def _tensor_to_array(onnx, tensor, path: Path, source: str) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     except Exception as e:  # noqa: BLE001 - malformed tensors fail inside numpy in many ways
         raise InputError(f"{source}: unreadable tensor {tensor.name!r} "
-                         f"({_first_line(e)})") from None
+                         f"({first_line(e)})") from None
 
 
 def _with_external_data(onnx, tensor, path: Path, source: str):
@@ -476,8 +482,3 @@ class _Walker:
         if axes is None and len(node.inputs) > 1 and node.inputs[1]:
             axes = self.g.const(node.inputs[1])
         return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

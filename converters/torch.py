@@ -9,7 +9,13 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from ddscore_jax.converters._common import ImportedModel, detect_arch, fold_bn, split_backbone
+from ddscore_jax.converters._common import (
+    ImportedModel,
+    detect_arch,
+    first_line,
+    fold_bn,
+    split_backbone,
+)
 
 from ddscore_jax.errors import InputError
 
@@ -40,10 +46,10 @@ def load_pth(path: Path) -> ImportedModel:
         if "Weights only load failed" in str(e):
             raise InputError(f"{path}: refused: the pickle asks to run code or build objects other "
                              "than tensors (loaded with weights_only=True)") from None
-        raise InputError(f"{path}: unreadable PyTorch checkpoint ({_first_line(e)})") from None
+        raise InputError(f"{path}: unreadable PyTorch checkpoint ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - torch reports truncation as RuntimeError, EOFError, ...
         raise InputError(f"{path}: unreadable PyTorch checkpoint, truncated or corrupt "
-                         f"({_first_line(e)})") from None
+                         f"({first_line(e)})") from None
 
     state_dict = _find_state_dict(obj, torch)
     if state_dict is None:
@@ -102,8 +108,3 @@ def _bn_name(conv: str) -> str:
         return conv[:-1] + "1"
     head, _, last = conv.rpartition(".")
     return (head + "." if head else "") + last.replace("conv", "bn")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
