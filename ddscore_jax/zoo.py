@@ -117,6 +117,19 @@ def load_params(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray
     return _unnest(tree["params"])
 
 
+def load_head(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray] | None:
+    """The layers after conv4_x (flat ``layer4.*``, ``fc.kernel`` (in, out), ``fc.bias``) of one
+    zoo model, or None when its source had none (a backbone-only checkpoint)."""
+    path = (Path(zoo) / entry.checkpoint).resolve()  # Orbax wants absolute paths
+    if not path.is_dir():
+        raise InputError(f"{path}: checkpoint of model {entry.name!r} is missing")
+    try:
+        tree = _checkpointer().restore(path)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a bad folder
+        raise InputError(f"{path}: unreadable checkpoint of model {entry.name!r} ({e})") from None
+    return _unnest(tree["head"]) if tree.get("head") else None
+
+
 @dataclass
 class Addition:
     """A model to add: its name, where it came from, and the imported parameters."""
