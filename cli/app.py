@@ -58,7 +58,7 @@ DtypeOpt = Annotated[str, typer.Option(
     help="Forward dtype: float32, or bfloat16 for accelerators (features change slightly; the "
          "score stays float64).")]
 WorkersOpt = Annotated[int | None, typer.Option(
-    help="Image decode threads [default: one per core, at most 8]; 0 decodes inline.", min=0)]
+    help="Image decode threads (default: one per core, at most 8); 0 decodes inline.", min=0)]
 
 
 def _version(value: bool) -> None:
