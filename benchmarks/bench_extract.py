@@ -5,7 +5,7 @@ with Pillow and resizing with the same bilinear filter:
 
 - ours:         ``ddscore_jax.extract.extract_features`` (threaded decode, one pass for both
                 blocks, every model on each decoded batch), then ``score_models`` for the
-                end-to-end comparison;
+                end-to-end comparison; also with ``workers=0`` (decode inline, no overlap);
 - torchvision:  its ResNet run to ``layer3[1]`` in one DataLoader pass per model (the fastest
                 PyTorch way to the same features), with 0 and with N DataLoader workers;
 - published:    the reference's procedure: per model and per block, a network truncated at that
@@ -94,6 +94,9 @@ def main() -> None:
 
     sides = {
         "ours": ours,
+        # No decode threads: every batch is decoded inline, between forwards (no overlap).
+        "ours, decode inline (workers=0)":
+            lambda: extract_features(models, dataset, batch_size=b, image_size=s, workers=0),
         "torchvision, 0 workers": lambda: torch_single_pass(nets, root, s, b, 0),
         f"torchvision, {args.torch_workers} workers":
             lambda: torch_single_pass(nets, root, s, b, args.torch_workers),
@@ -133,6 +136,8 @@ def main() -> None:
     best_tv = min((k for k in sides if k.startswith("torchvision")), key=lambda k: med[k])
     print(f"\nratio ours / torchvision single pass ({best_tv}): "
           f"{med[best_tv] / med['ours']:.2f}x  (target >= 1.0)")
+    print(f"ratio ours / ours with inline decode: "
+          f"{med['ours, decode inline (workers=0)'] / med['ours']:.2f}x")
     print(f"ratio ours / torchvision single pass (0 workers): "
           f"{med['torchvision, 0 workers'] / med['ours']:.2f}x")
     print(f"ratio ours (extract + score) / published pipeline: "
