@@ -5,7 +5,7 @@ reports its own peak resident set size (``ru_maxrss``). Only the features grow w
 256 float32 = 2 KiB per image and model, i.e. 1 MiB per 512 images; the images themselves are
 streamed through a few batch buffers.
 
-    python benchmarks/bench_memory.py --sizes 128 1024 --image-size 224
+    python benchmarks/bench_memory.py --sizes 128 512 1024 --image-size 224
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024])
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
