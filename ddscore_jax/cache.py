@@ -17,13 +17,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ddscore_jax import data
+from ddscore_jax.atomic import atomic_path
 
 # Bump when preprocessing or the forward changes numerically: old entries then miss.
 FEATURES_VERSION = 1
@@ -109,14 +109,9 @@ class PartialFeatures:
     def append(self, start: int, stop: int, features: dict[str, np.ndarray]) -> None:
         """Save rows ``start:stop`` (``features[block]`` has ``stop - start`` rows), atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".chunk.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{b: np.asarray(v, np.float32) for b, v in features.items()})
-            os.replace(tmp, self.folder / f"{start:010d}-{stop:010d}.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        chunk = self.folder / f"{start:010d}-{stop:010d}.npz"
+        with atomic_path(chunk) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{b: np.asarray(v, np.float32) for b, v in features.items()})
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

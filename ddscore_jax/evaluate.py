@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddscore_jax.atomic import atomic_path
 from ddscore_jax.errors import InputError
 
 REL_AT = (1, 3)
@@ -289,12 +289,6 @@ def plot(evaluation: Evaluation, path: str | os.PathLike, title: str | None = No
         ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

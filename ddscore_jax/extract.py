@@ -23,7 +23,6 @@ Resume. With :class:`ddscore_jax.cache.PartialFeatures` per model, finished rows
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddscore_jax import data, model, pipeline
+from ddscore_jax.atomic import atomic_path
 from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
 
@@ -309,14 +309,8 @@ def save_features(path: Path, feats: dict[str, np.ndarray], dataset: data.Datase
     arrays["paths"] = np.array(dataset.paths, dtype=str)
     arrays["classes"] = np.array(dataset.classes, dtype=str)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 @dataclass(frozen=True)

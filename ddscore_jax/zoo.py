@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ddscore_jax.atomic import atomic_path
 from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
 
@@ -67,15 +67,9 @@ def read_nonempty(zoo: str | os.PathLike) -> list[ZooEntry]:
 
 def write_json_atomic(path: Path, doc: object) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
 
 
 def _checkpointer():
