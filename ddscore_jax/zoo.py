@@ -99,28 +99,25 @@ def _unnest(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
-def load_params(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray]:
-    """The backbone parameters of one zoo model, as the flat tree ``ddscore_jax.model`` takes."""
+def _restore(zoo: str | os.PathLike, entry: ZooEntry) -> dict:
     path = (Path(zoo) / entry.checkpoint).resolve()  # Orbax wants absolute paths
     if not path.is_dir():
         raise InputError(f"{path}: checkpoint of model {entry.name!r} is missing")
     try:
-        tree = _checkpointer().restore(path)
+        return _checkpointer().restore(path)
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a bad folder
         raise InputError(f"{path}: unreadable checkpoint of model {entry.name!r} ({e})") from None
-    return _unnest(tree["params"])
+
+
+def load_params(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray]:
+    """The backbone parameters of one zoo model, as the flat tree ``ddscore_jax.model`` takes."""
+    return _unnest(_restore(zoo, entry)["params"])
 
 
 def load_head(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray] | None:
     """The layers after conv4_x (flat ``layer4.*``, ``fc.kernel`` (in, out), ``fc.bias``) of one
     zoo model, or None when its source had none (a backbone-only checkpoint)."""
-    path = (Path(zoo) / entry.checkpoint).resolve()  # Orbax wants absolute paths
-    if not path.is_dir():
-        raise InputError(f"{path}: checkpoint of model {entry.name!r} is missing")
-    try:
-        tree = _checkpointer().restore(path)
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a bad folder
-        raise InputError(f"{path}: unreadable checkpoint of model {entry.name!r} ({e})") from None
+    tree = _restore(zoo, entry)
     return _unnest(tree["head"]) if tree.get("head") else None
 
 
