@@ -68,7 +68,7 @@ def init(arch: str, num_classes: int, *, seed: int = 0) -> tuple[nnx.GraphDef, n
                 or (key.endswith("conv2.kernel") and key.split(".")[0].startswith("layer")))
         flat[key] = (np.zeros(value.shape, np.float32) if zero
                      else _lecun_normal(rng, value.shape))
-    return graphdef, _to_state(jax.tree.map(lambda x: x, abstract), flat)
+    return graphdef, model.fill_state(jax.tree.map(lambda x: x, abstract), flat)
 
 
 def _lecun_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -103,42 +103,21 @@ def build(arch: str, num_classes: int, backbone: dict[str, np.ndarray],
     graphdef, state = init(arch, num_classes, seed=seed)
     flat = model.state_to_flat(state)
 
-    model.flat_to_state(backbone, arch)  # raises ValueError on a missing or mis-shaped key
+    model.check_shapes(backbone, model.expected_shapes(arch), arch)
     flat.update(backbone)
     head = head or {}
     stage = {k: v for k, v in head.items() if k.startswith(HEAD_STAGE + ".")}
     if stage:
-        _check_part(stage, {k: v for k, v in flat.items() if k.startswith(HEAD_STAGE + ".")},
-                    f"{arch} {HEAD_STAGE}")
+        model.check_shapes(stage, {k: np.shape(v) for k, v in flat.items()
+                                   if k.startswith(HEAD_STAGE + ".")},
+                           f"{arch} {HEAD_STAGE}")
         flat.update(stage)
     if keep_fc:
         fc = {k: v for k, v in head.items() if k.startswith("fc.")}
-        _check_part(fc, {k: v for k, v in flat.items() if k.startswith("fc.")}, "the classifier")
+        model.check_shapes(fc, {k: np.shape(v) for k, v in flat.items() if k.startswith("fc.")},
+                           "the classifier")
         flat.update(fc)
-    return graphdef, _to_state(state, flat), bool(stage)
-
-
-def _check_part(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra:
-        raise ValueError(f"parameters do not match {what}: missing {missing[:4]}, "
-                         f"unexpected {extra[:4]}")
-    bad = [f"{k} {tuple(np.shape(got[k]))} != {tuple(np.shape(want[k]))}" for k in want
-           if tuple(np.shape(got[k])) != tuple(np.shape(want[k]))]
-    if bad:
-        raise ValueError(f"parameter shapes do not match {what}: {'; '.join(bad[:4])}")
-
-
-def _to_state(state: nnx.State, flat: dict[str, np.ndarray]) -> nnx.State:
-    pure: dict = {}
-    for key, value in flat.items():
-        node = pure
-        *parents, leaf = [int(p) if p.isdigit() else p for p in key.split(".")]
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value, dtype=jnp.float32)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
+    return graphdef, model.fill_state(state, flat), bool(stage)
 
 
 def head_width(head: dict[str, np.ndarray] | None) -> int | None:

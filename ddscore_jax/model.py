@@ -118,33 +118,41 @@ def state_to_flat(state: nnx.State) -> dict[str, np.ndarray]:
     return {".".join(str(k) for k in path): v.get_value() for path, v in flat}
 
 
-def flat_to_state(flat: dict[str, np.ndarray], arch: str) -> nnx.State:
-    """Check a flat tree against ``arch``'s init (every key, every shape) and return its state.
-
-    Raises ``ValueError`` naming the missing, unexpected or mis-shaped parameters.
-    """
-    want = expected_shapes(arch)
+def check_shapes(flat: dict[str, np.ndarray], want: dict[str, tuple[int, ...]], what: str) -> None:
+    """Raise ``ValueError`` naming the missing, unexpected or mis-shaped keys of ``flat``."""
     missing = sorted(set(want) - set(flat))
     extra = sorted(set(flat) - set(want))
     if missing or extra:
         raise ValueError(
-            f"parameters do not match {arch}: missing {missing[:4]}, unexpected {extra[:4]}"
+            f"parameters do not match {what}: missing {missing[:4]}, unexpected {extra[:4]}"
         )
-    bad = [f"{k} {tuple(np.shape(flat[k]))} != {want[k]}" for k in want
-           if tuple(np.shape(flat[k])) != want[k]]
+    bad = [f"{k} {tuple(np.shape(flat[k]))} != {tuple(want[k])}" for k in want
+           if tuple(np.shape(flat[k])) != tuple(want[k])]
     if bad:
-        raise ValueError(f"parameter shapes do not match {arch}: {'; '.join(bad[:4])}")
-    state = _abstract(arch)[1]
-    pure = {}
+        raise ValueError(f"parameter shapes do not match {what}: {'; '.join(bad[:4])}")
+
+
+def fill_state(state: nnx.State, flat: dict[str, np.ndarray]) -> nnx.State:
+    """Put a flat tree's arrays (as float32) into ``state`` in place; return it."""
+    pure: dict = {}
     for key, value in flat.items():
         node = pure
         *parents, leaf = [int(p) if p.isdigit() else p for p in key.split(".")]
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = jnp.asarray(value, dtype=jnp.float32)
-    state = jax.tree.map(lambda x: x, state)  # a copy: the cached abstract state stays abstract
     nnx.replace_by_pure_dict(state, pure)
     return state
+
+
+def flat_to_state(flat: dict[str, np.ndarray], arch: str) -> nnx.State:
+    """Check a flat tree against ``arch``'s init (every key, every shape) and return its state.
+
+    Raises ``ValueError`` naming the missing, unexpected or mis-shaped parameters.
+    """
+    check_shapes(flat, expected_shapes(arch), arch)
+    # A copy: the cached abstract state stays abstract.
+    return fill_state(jax.tree.map(lambda x: x, _abstract(arch)[1]), flat)
 
 
 def forward(arch: str, state: nnx.State, images: jax.Array,
