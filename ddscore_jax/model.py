@@ -12,12 +12,46 @@ Parameter trees travel in two shapes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# --- Contract between the converters and the model (issue 8) -------------------------------------
+# Every converter returns ``(ResNetConfig, state_dict)``: the *canonical state dict* is the
+# checkpoint's own parameters as float32 NumPy arrays under timm's ``resnet.py`` names (a superset
+# of torchvision's), in torch layouts (conv OIHW, ``fc.weight`` (out, in)):
+#   stem      ``conv1.weight`` + ``bn1.*``; deep stem (ResNet-D) ``conv1.0.weight``, ``conv1.1.*``,
+#             ``conv1.3.weight``, ``conv1.4.*``, ``conv1.6.weight`` + ``bn1.*``
+#   blocks    ``layerS.B.conv{1,2[,3]}.weight`` + ``layerS.B.bn{1,2[,3]}.*``
+#   shortcut  ``layerS.B.downsample.0.weight`` + ``.downsample.1.*``; with avg_down (an
+#             AvgPool2d first, which has no parameters) ``.downsample.1.weight`` + ``.downsample.2.*``
+#   head      ``fc.weight``, ``fc.bias`` when the source has a classifier
+# where ``bn*.*`` is ``weight, bias, running_mean, running_var`` (``num_batches_tracked`` dropped).
+# A source whose BatchNorm was already folded away (a constant-folded ONNX graph) has no ``bn*``
+# keys; its convolutions carry ``.bias`` instead and its config says ``batchnorm=False``.
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """A ResNet v1 variant, as read from a checkpoint's tensors (never from a name or a suffix)."""
+
+    block: Literal["basic", "bottleneck"]
+    # Blocks in layer1..layer4; layer4 is 0 for a backbone-only source.
+    depths: tuple[int, int, int, int]
+    groups: int = 1  # cardinality (ResNeXt)
+    base_width: int = 64  # per-group width of a Bottleneck (torchvision width_per_group; 128 = wide)
+    deep_stem: bool = False  # ResNet-D: three 3x3 convs (stem_width, stem_width, 64) for the 7x7
+    stem_width: int = 64  # channels of the deep stem's first two convs (timm: 32)
+    avg_down: bool = False  # ResNet-D: shortcut = AvgPool2d(2, stride) + 1x1 conv of stride 1
+    num_classes: int = 0  # outputs of ``fc``; 0 when the source has no classifier
+    batchnorm: bool = True  # False: a folded source (conv biases, no BatchNorm layers)
+    bn_eps: float = float(np.float32(1e-5))  # torch's default, as the float32 its kernel adds
+
 
 # Blocks per stage; both use torchvision's BasicBlock.
 ARCHS: dict[str, tuple[int, int, int, int]] = {
