@@ -65,7 +65,6 @@ def torch_models(n: int, arch: str = "resnet18"):
 def loaded_models(nets) -> list:
     """The same networks as ddscore-jax loads them (BatchNorm folded by the real converter)."""
     from ddscore_jax.converters.torch import from_state_dict
-
     from ddscore_jax.extract import LoadedModel
 
     out = []

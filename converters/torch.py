@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+
 from ddscore_jax.converters._common import (
     ImportedModel,
     detect_arch,
@@ -16,7 +17,6 @@ from ddscore_jax.converters._common import (
     fold_bn,
     split_backbone,
 )
-
 from ddscore_jax.errors import InputError
 
 # Where training scripts commonly nest the state_dict inside a checkpoint dict.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# --- Contract between the converters and the model (issue 8) -------------------------------------
+# --- Contract between the converters and the model ---------------------------------------------
 # Every converter returns ``(ResNetConfig, state_dict)``: the *canonical state dict* is the
 # checkpoint's own parameters as float32 NumPy arrays under timm's ``resnet.py`` names (a superset
 # of torchvision's), in torch layouts (conv OIHW, ``fc.weight`` (out, in)):
@@ -29,7 +29,8 @@ from flax import nnx
 #             ``conv1.3.weight``, ``conv1.4.*``, ``conv1.6.weight`` + ``bn1.*``
 #   blocks    ``layerS.B.conv{1,2[,3]}.weight`` + ``layerS.B.bn{1,2[,3]}.*``
 #   shortcut  ``layerS.B.downsample.0.weight`` + ``.downsample.1.*``; with avg_down (an
-#             AvgPool2d first, which has no parameters) ``.downsample.1.weight`` + ``.downsample.2.*``
+#             AvgPool2d first, which has no parameters) ``.downsample.1.weight`` +
+#             ``.downsample.2.*``
 #   head      ``fc.weight``, ``fc.bias`` when the source has a classifier
 # where ``bn*.*`` is ``weight, bias, running_mean, running_var`` (``num_batches_tracked`` dropped).
 # A source whose BatchNorm was already folded away (a constant-folded ONNX graph) has no ``bn*``
@@ -44,7 +45,8 @@ class ResNetConfig:
     # Blocks in layer1..layer4; layer4 is 0 for a backbone-only source.
     depths: tuple[int, int, int, int]
     groups: int = 1  # cardinality (ResNeXt)
-    base_width: int = 64  # per-group width of a Bottleneck (torchvision width_per_group; 128 = wide)
+    # Per-group width of a Bottleneck (torchvision width_per_group; 128 = wide).
+    base_width: int = 64
     deep_stem: bool = False  # ResNet-D: three 3x3 convs (stem_width, stem_width, 64) for the 7x7
     stem_width: int = 64  # channels of the deep stem's first two convs (timm: 32)
     avg_down: bool = False  # ResNet-D: shortcut = AvgPool2d(2, stride) + 1x1 conv of stride 1

@@ -1,4 +1,4 @@
-"""The model zoo on disk: one Orbax checkpoint per model plus ``zoo.json`` (SPEC section 2).
+"""The model zoo on disk: one Orbax checkpoint per model plus ``zoo.json`` (docs/interface.md).
 
 ``zoo.json``: ``{"models": [{"name", "arch", "source", "source_format", "sha256", "checkpoint"}]}``
 with ``checkpoint`` relative to the zoo folder. Adding models is all-or-nothing: checkpoints are

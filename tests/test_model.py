@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from ddscore_jax.converters import load_checkpoint
 from helpers import rel_err, save_pth, torch_layer3_features, torch_resnet
 
 from ddscore_jax import model
+from ddscore_jax.converters import load_checkpoint
 
 # float32 through ~30 convolutions: measured ~4e-7; 1e-5 leaves room for other CPUs' kernels.
 FEATURE_RTOL = 1e-5
