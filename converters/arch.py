@@ -3,7 +3,7 @@
 The canonical names and layouts are the contract in ``ddscore_jax.model``: timm/torchvision names,
 torch layouts. :func:`detect_config` reads block type, depths, groups, widths, stem and shortcut
 from the tensors; :func:`expected_shapes` says what that configuration must hold, and the state
-dict is checked against it key by key, so that any layer the v1 model does not have (a
+dict is checked against ``ddscore_jax.model.expected_shapes`` key by key, so that any layer the v1 model does not have (a
 squeeze-and-excitation module, a convolutional stem pool, a tiered stem) is refused here with a
 line that says what it is, instead of being dropped.
 """
@@ -14,15 +14,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ddscore_jax import model
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ResNetConfig
 
-BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 # Buffers that carry no inference state.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
-# Convolutions of a block, per block type.
-_BLOCK_CONVS = {"basic": 2, "bottleneck": 3}
-_EXPANSION = {"basic": 1, "bottleneck": 4}
 _STEM_OUT = 64  # torchvision/timm ``inplanes`` after the stem (timm's deep stem: 2 * stem_width)
 
 # Keys of layers the v1 model does not have, and what they are (for the refusal's one line).
@@ -73,54 +70,14 @@ def detect_config(sd: Mapping[str, Any], source: str) -> ResNetConfig:
     avg_down = any(len(shape(v)) == 4 for k, v in sd.items()
                    if re.fullmatch(r"layer\d\.\d+\.downsample\.1\.weight", k))
     num_classes = shape(sd["fc.weight"])[0] if "fc.weight" in sd else 0
-    config = ResNetConfig(block=block, depths=tuple(depths), groups=groups, base_width=base_width,
-                          deep_stem=deep_stem, stem_width=stem_width, avg_down=avg_down,
-                          num_classes=num_classes)
+    try:
+        config = ResNetConfig(block=block, depths=tuple(depths), groups=groups,
+                              base_width=base_width, deep_stem=deep_stem, stem_width=stem_width,
+                              avg_down=avg_down, num_classes=num_classes)
+    except ValueError as e:
+        raise InputError(f"{source}: out of scope: not a ResNet v1 the model has ({e})") from None
     check_state_dict(sd, config, source)
     return config
-
-
-def expected_shapes(config: ResNetConfig) -> dict[str, tuple[int, ...]]:
-    """``{"conv1.weight": (64, 3, 7, 7), ...}``: every tensor a canonical state dict of ``config``
-    holds (torch layouts), BatchNorm included, ``num_batches_tracked`` left out."""
-    want: dict[str, tuple[int, ...]] = {}
-
-    def conv_bn(conv: str, bn: str, cout: int, cin: int, size: int) -> None:
-        want[f"{conv}.weight"] = (cout, cin, size, size)
-        for p in BN_PARAMS:
-            want[f"{bn}.{p}"] = (cout,)
-
-    if config.deep_stem:
-        sw = config.stem_width
-        conv_bn("conv1.0", "conv1.1", sw, 3, 3)
-        conv_bn("conv1.3", "conv1.4", sw, sw, 3)
-        conv_bn("conv1.6", "bn1", _STEM_OUT, sw, 3)
-    else:
-        conv_bn("conv1", "bn1", _STEM_OUT, 3, 7)
-    cin = _STEM_OUT
-    expansion = _EXPANSION[config.block]
-    for s, depth in enumerate(config.depths):
-        planes = 64 * 2**s
-        cout = planes * expansion
-        for b in range(depth):
-            name = f"layer{s + 1}.{b}"
-            if config.block == "basic":
-                conv_bn(f"{name}.conv1", f"{name}.bn1", planes, cin, 3)
-                conv_bn(f"{name}.conv2", f"{name}.bn2", planes, planes, 3)
-            else:
-                width = planes * config.base_width // 64 * config.groups
-                conv_bn(f"{name}.conv1", f"{name}.bn1", width, cin, 1)
-                conv_bn(f"{name}.conv2", f"{name}.bn2", width, width // config.groups, 3)
-                conv_bn(f"{name}.conv3", f"{name}.bn3", cout, width, 1)
-            stride = 2 if s > 0 and b == 0 else 1
-            if stride != 1 or cin != cout:
-                conv, bn = (1, 2) if config.avg_down else (0, 1)
-                conv_bn(f"{name}.downsample.{conv}", f"{name}.downsample.{bn}", cout, cin, 1)
-            cin = cout
-    if config.num_classes:
-        want["fc.weight"] = (config.num_classes, cin)
-        want["fc.bias"] = (config.num_classes,)
-    return want
 
 
 def describe(config: ResNetConfig) -> str:
@@ -138,7 +95,7 @@ def describe(config: ResNetConfig) -> str:
 def check_state_dict(sd: Mapping[str, Any], config: ResNetConfig, source: str) -> None:
     """InputError naming ``source`` and the first offending tensor unless ``sd`` holds exactly
     the tensors of ``config`` with their shapes (``num_batches_tracked`` aside)."""
-    want = expected_shapes(config)
+    want = model.expected_shapes(config)
     keys = [k for k in sd if not k.endswith(IGNORED_SUFFIXES)]
     extra = [k for k in keys if k not in want]
     if extra:
