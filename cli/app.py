@@ -150,7 +150,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option(
         help="Replace a different model that has the same name.")] = False,
 ) -> None:
-    """Import ResNet v1 checkpoints into a model zoo, each on its own (exit 2 if any was refused)."""
+    """Import ResNet v1 checkpoints into a model zoo, each on its own (exit 2 if any is refused)."""
     from ddscore_jax.convert import convert_sources
 
     with _Bars() as bars:

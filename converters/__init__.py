@@ -22,6 +22,7 @@ from ddscore_jax.converters.files import (
     read_config,
     read_tensors,
 )
+
 from ddscore_jax.errors import InputError
 
 

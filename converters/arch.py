@@ -2,8 +2,8 @@
 
 The canonical names and layouts are the contract in ``ddscore_jax.model``: timm/torchvision names,
 torch layouts. :func:`detect_config` reads block type, depths, groups, widths, stem and shortcut
-from the tensors; :func:`expected_shapes` says what that configuration must hold, and the state
-dict is checked against ``ddscore_jax.model.expected_shapes`` key by key, so that any layer the v1 model does not have (a
+from the tensors, and the state dict is checked against ``ddscore_jax.model.expected_shapes`` of
+that configuration key by key, so that any layer the v1 model does not have (a
 squeeze-and-excitation module, a convolutional stem pool, a tiered stem) is refused here with a
 line that says what it is, instead of being dropped.
 """
@@ -67,6 +67,8 @@ def detect_config(sd: Mapping[str, Any], source: str) -> ResNetConfig:
         # layer1 has planes = 64, so width = base_width * groups there (torchvision/timm formula).
         base_width = width // groups
     stem_width = shape(sd["conv1.0.weight"])[0] if deep_stem else 64
+    if deep_stem:
+        _check_deep_stem(sd, source)
     avg_down = any(len(shape(v)) == 4 for k, v in sd.items()
                    if re.fullmatch(r"layer\d\.\d+\.downsample\.1\.weight", k))
     num_classes = shape(sd["fc.weight"])[0] if "fc.weight" in sd else 0
@@ -118,14 +120,17 @@ def check_state_dict(sd: Mapping[str, Any], config: ResNetConfig, source: str) -
         got = shape(sd[k])
         if got != w:
             raise InputError(f"{source}: out of scope: '{k}' has shape {got}, where a "
-                             f"{describe(config)} has {w}" + _shape_hint(k, config))
+                             f"{describe(config)} has {w}")
 
 
-def _shape_hint(key: str, config: ResNetConfig) -> str:
-    # The two timm stem variants whose tensors look like a deep stem but are not (stem_width, ...
-    # , 64): tiered (resnet*t) and the wide deep stem of resnet*s.
-    if config.deep_stem and key.startswith(("conv1.3.", "conv1.1.")):
-        return " (a tiered deep stem, as timm's resnet*t, is not supported)"
-    if config.deep_stem and key.startswith(("conv1.6.", "bn1.")):
-        return f" (a deep stem ending in other than {_STEM_OUT} channels is not supported)"
-    return ""
+def _check_deep_stem(sd: Mapping[str, Any], source: str) -> None:
+    # timm's two deep stems that ResNetConfig's (stem_width, stem_width, 64) cannot hold: the
+    # tiered one of resnet*t (24, 32, 64) and the wide one of resnet*s (64, 64, 128).
+    widths = [shape(sd[k])[0] for k in ("conv1.0.weight", "conv1.3.weight", "conv1.6.weight")
+              if k in sd]
+    if len(widths) == 3 and widths[0] != widths[1]:
+        raise InputError(f"{source}: out of scope: a tiered deep stem {tuple(widths)} (timm "
+                         "resnet*t); the model's deep stem has two equal widths, then 64")
+    if len(widths) == 3 and widths[2] != _STEM_OUT:
+        raise InputError(f"{source}: out of scope: a deep stem ending in {widths[2]} channels "
+                         f"(timm resnet*s); the model's deep stem ends in {_STEM_OUT}")

@@ -119,7 +119,8 @@ def _hf_to_canonical(key: str) -> str | None:
         return f"{base}.conv{k}.{param}" if kind == "convolution" else f"{base}.bn{k}.{param}"
     if m := _HF_SHORTCUT.match(key):
         stage, block, kind, param = m.groups()
-        return f"layer{int(stage) + 1}.{block}.downsample.{0 if kind == 'convolution' else 1}.{param}"
+        index = 0 if kind == "convolution" else 1
+        return f"layer{int(stage) + 1}.{block}.downsample.{index}.{param}"
     return None
 
 
