@@ -142,6 +142,27 @@ def check_transformers_config(config: Mapping[str, Any] | None, source: str) -> 
         raise InputError(f"{source}: out of scope: hidden_act={act!r}; the model uses relu")
 
 
+# timm ResNets whose extra layers have no tensors (anti-aliasing by average or blur pooling), so
+# that only the name their config.json gives tells them from a plain ResNet.
+_TIMM_TENSORLESS = re.compile(r"aa|blur")
+
+
+def check_timm_config(config: Mapping[str, Any] | None, source: str) -> None:
+    """Refuse a timm model (hub folder or TimmWrapper ``config.json``) whose differences from a
+    ResNet v1 leave no trace in its tensors: anti-aliased downsampling, dilation."""
+    if not config or not isinstance(config.get("architecture"), str):
+        return
+    arch = config["architecture"].split(".")[0]
+    if _TIMM_TENSORLESS.search(arch):
+        raise InputError(f"{source}: out of scope: config.json names timm architecture {arch!r}, "
+                         "whose anti-aliased (average/blur-pool) downsampling the model does not "
+                         "have and the tensors cannot show")
+    args = config.get("model_args") or {}
+    if isinstance(args, dict) and args.get("output_stride") not in (None, 32):
+        raise InputError(f"{source}: out of scope: output_stride={args['output_stride']} "
+                         "(dilated convolutions), which the model does not have")
+
+
 def _prefixes(tensors: Mapping[str, Any], marker: str) -> list[str]:
     """Every prefix (``""`` or ending in ``.``) under which ``marker`` is a tensor name."""
     out = []

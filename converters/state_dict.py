@@ -22,6 +22,7 @@ def import_state_dict(tensors: Mapping[str, Any], source: str,
     if any, for the transformers options its tensors cannot show. InputError naming ``source``.
     """
     found = layouts.find_resnet(tensors, source)
+    layouts.check_timm_config(hf_config, source)
     if found.layout == "transformers":
         layouts.check_transformers_config(
             hf_config if hf_config and hf_config.get("model_type") == "resnet" else None, source)

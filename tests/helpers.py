@@ -118,8 +118,12 @@ def hooked_features(net, blocks, images_nhwc: np.ndarray, count: int = 2) -> dic
 
 
 def snapshot(folder: Path) -> dict | None:
-    """Everything under a folder, with file contents: to prove a failed command changed nothing."""
+    """Everything under a folder, with a digest of each file's bytes: to prove a failed command
+    changed nothing (digests, so that a zoo of large models is not held in memory twice)."""
+    import hashlib
+
     if not folder.exists():
         return None
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest()
+                                         if p.is_file() else None)
             for p in sorted(folder.rglob("*"))}
