@@ -90,27 +90,31 @@ class ResNetConfig:
     @property
     def name(self) -> str:
         """A display name in torchvision/timm spelling (``resnet50``, ``resnext50_32x4d``,
-        ``wide_resnet50_2``, ``resnet18d``); ``_backbone`` when there is no layer4; a descriptive
-        name for depths no library names."""
+        ``wide_resnet50_2``, ``resnet18d``), also for a backbone-only source of that family (its
+        ``depths`` say it has no layer4); a descriptive name for depths no library names."""
         depths = self.depths if self.depths[3] else (*self.depths[:3], _LAYER4_OF.get(
             (self.block, self.depths[:3]), 0))
         depth = _NAMED_DEPTHS.get((self.block, depths))
         if depth is None:
-            base = f"resnet_{self.block}_{'-'.join(map(str, self.depths))}"
-        else:
-            d = "d" if self.deep_stem or self.avg_down else ""
-            if self.groups > 1:
-                # ResNeXt names give groups x per-group width: resnext50_32x4d has base_width 4.
-                base = f"resnext{depth}{d}_{self.groups}x{self.base_width}d"
-            elif self.base_width != 64:
-                base = f"wide_resnet{depth}{d}_{self.base_width // 64}"
-            else:
-                base = f"resnet{depth}{d}"
-        return base if self.depths[3] else base + "_backbone"
+            return f"resnet_{self.block}_{'-'.join(map(str, self.depths))}"
+        d = "d" if self.deep_stem or self.avg_down else ""
+        if self.groups > 1:
+            # ResNeXt names give groups x per-group width: resnext50_32x4d has base_width 4.
+            return f"resnext{depth}{d}_{self.groups}x{self.base_width}d"
+        if self.base_width != 64:
+            return f"wide_resnet{depth}{d}_{self.base_width // 64}"
+        return f"resnet{depth}{d}"
 
     def backbone(self) -> ResNetConfig:
         """This config cut after conv4_x: what the features need."""
         return dataclasses.replace(self, depths=(*self.depths[:3], 0), num_classes=0)
+
+    def with_classifier(self, num_classes: int) -> ResNetConfig:
+        """This config to ``num_classes`` logits; a backbone-only one gets the layer4 depth of
+        its named family (torchvision's), or 2 blocks when no library names its depths."""
+        layer4 = self.depths[3] or _LAYER4_OF.get((self.block, self.depths[:3]), 2)
+        return dataclasses.replace(self, depths=(*self.depths[:3], layer4),
+                                   num_classes=num_classes)
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "depths": list(self.depths)}
@@ -191,10 +195,20 @@ class AvgPoolDown(Identity):
 
 
 class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics)."""
+    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics), whose
+    running variance follows torch's: updated with the unbiased batch variance (Flax's own uses
+    the biased one), while the batch is normalised with the biased one, as both do."""
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return super().__call__(x, use_running_average=not train)
+        if not train:
+            return super().__call__(x, use_running_average=True)
+        old = self.var.get_value()
+        y = super().__call__(x, use_running_average=False)
+        n = x.size // x.shape[-1]
+        m = self.momentum
+        # Flax stored m * old + (1 - m) * biased; rescale the batch's share by n / (n - 1).
+        self.var.set_value(m * old + (self.var.get_value() - m * old) * (n / max(n - 1, 1)))
+        return y
 
 
 def _norm(channels: int, config: ResNetConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -421,7 +435,8 @@ def from_state_dict(state_dict: StateDict, config: ResNetConfig) -> nnx.State:
     flat = []
     for path, var in nnx.to_flat_state(abstract(config)[1]):
         value = _to_flax_layout(str(path[-1]), np.asarray(state_dict[_torch_name(path)]))
-        flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
+        # A copy: on CPU jnp.asarray may alias the NumPy buffer, which the caller may reuse.
+        flat.append((path, var.replace(jnp.array(value, jnp.float32))))
     return nnx.from_flat_state(flat)
 
 
