@@ -9,6 +9,7 @@ line and does not stop the others.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -67,11 +68,15 @@ def source_sha256(path: Path) -> str:
     weights = model_folder_weights(path)
     files = [path / HUB_CONFIG, weights]
     if weights.name.endswith(".index.json"):
-        import json
-
-        files += sorted({path / s for s in json.loads(weights.read_text())["weight_map"].values()})
+        try:
+            shards = json.loads(weights.read_text())["weight_map"].values()
+            files += sorted({path / Path(s).name for s in shards})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{weights}: not a sharded-checkpoint index ({e})") from None
     h = hashlib.sha256()
     for f in files:
+        if not f.is_file():
+            raise InputError(f"{f}: missing from model folder {path}")
         h.update(f"{f.name}\0{zoo.sha256_file(f)}\n".encode())
     return h.hexdigest()
 
@@ -94,10 +99,12 @@ def convert_sources(sources: Sequence[str | os.PathLike], zoo_dir: str | os.Path
         clash = [str(p) for p, n in zip(paths, names, strict=True) if n == dupes[0]]
         raise InputError(f"{' and '.join(clash)}: several checkpoints would get the name "
                          f"{dupes[0]!r}; convert them one at a time with --name")
+    # Read once up front: a zoo this version cannot extend stops the command before any file.
+    known = {e.name: e.sha256 for e in zoo.read(zoo_dir, allow_missing=True)}
     result = ConvertResult()
     for i, (path, model_name) in enumerate(zip(paths, names, strict=True)):
         try:
-            result.written += _convert_one(path, model_name, zoo_dir, overwrite)
+            result.written += _convert_one(path, model_name, zoo_dir, overwrite, known)
             if model_name not in result.written:
                 result.unchanged.append(model_name)
         except InputError as e:
@@ -107,14 +114,17 @@ def convert_sources(sources: Sequence[str | os.PathLike], zoo_dir: str | os.Path
     return result
 
 
-def _convert_one(path: Path, model_name: str, zoo_dir: str | os.PathLike,
-                 overwrite: bool) -> list[str]:
+def _convert_one(path: Path, model_name: str, zoo_dir: str | os.PathLike, overwrite: bool,
+                 known: dict[str, str]) -> list[str]:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if not _NAME.match(model_name):
         raise InputError(f"{path}: {model_name!r} is not a usable model name "
                          "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
+    sha256 = source_sha256(path)
+    if known.get(model_name) == sha256:
+        return []  # the same bytes under the same name: already in the zoo, nothing to read
     loaded = load_source(path)
-    addition = zoo.Addition(model_name, path.resolve(), loaded.source_format, source_sha256(path),
+    addition = zoo.Addition(model_name, path.resolve(), loaded.source_format, sha256,
                             loaded.model)
     return zoo.add(zoo_dir, [addition], overwrite=overwrite)
