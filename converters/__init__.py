@@ -22,7 +22,6 @@ from ddscore_jax.converters.files import (
     read_config,
     read_tensors,
 )
-
 from ddscore_jax.errors import InputError
 
 

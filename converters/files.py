@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ddscore_jax.converters._common import first_line
-
 from ddscore_jax.errors import InputError
 
 # A model folder's weights, in order of preference: safetensors never runs a pickle.

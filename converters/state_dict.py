@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from ddscore_jax.converters import arch, layouts
 from ddscore_jax.converters._common import ImportedModel
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ddscore_jax.converters._common import first_line
-
 from ddscore_jax.errors import InputError
 
 # How deep nested checkpoint dicts are searched for tensors (``{"state_dict": {...}}`` is 2).

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddscore_jax.converters import layouts, load_source
-from ddscore_jax.converters.files import checkpoint_stem
 from helpers import cli, error_line, hooked_features, randomise_batchnorm, rel_err, snapshot
 
 from ddscore_jax import model, zoo
+from ddscore_jax.converters import layouts, load_source
+from ddscore_jax.converters.files import checkpoint_stem
 from ddscore_jax.errors import InputError
 
 IMAGES = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
