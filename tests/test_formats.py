@@ -224,7 +224,9 @@ def test_features_match_the_source_library(sources, converted, name):
     width = 256 if cases[name].arch.startswith(("resnet18", "resnet34")) else 1024
     for k in ref:
         assert ours[k].shape == ref[k].shape == (len(IMAGES), width)
-        assert rel_err(ours[k], ref[k]) < TOL, (name, k, rel_err(ours[k], ref[k]))
+        err = rel_err(ours[k], ref[k])
+        print(f"{name} {entry.source_format} {entry.arch} {k} rel_err={err:.2e}")  # pytest -s
+        assert err < TOL, (name, k, err)
 
 
 def test_bfloat16_safetensors(tmp_path):
