@@ -133,6 +133,12 @@ def make_bad_checkpoint(kind, folder, good):
         import torchvision
 
         torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    elif kind == "incomplete":
+        import torchvision
+
+        sd = torchvision.models.resnet50().state_dict()
+        del sd["layer2.0.bn1.running_var"]
+        torch.save(sd, path)
     elif kind == "code_pickle":
         torch.save({"conv1.weight": torch.zeros(1), "payload": Evil()}, path)
     elif kind == "wrong_suffix":
@@ -148,6 +154,7 @@ def make_bad_checkpoint(kind, folder, good):
     ("truncated", "unreadable PyTorch checkpoint"),
     ("not_resnet", "not a ResNet"),
     ("mobilenet", "not a ResNet v1"),
+    ("incomplete", "layer2.0.bn1.running_var"),
     ("code_pickle", "refused"),
     ("wrong_suffix", "not a checkpoint this tool reads"),
     ("missing", "no such file"),
