@@ -94,12 +94,14 @@ def block_scores(features: np.ndarray, labels: np.ndarray, *, rcond: float = RCO
 
 @dataclass(frozen=True)
 class ModelScore:
-    """One model's result: ``score`` ranks it; ``metrics`` holds every metric asked for."""
+    """One model's result: ``score`` ranks it; ``metrics`` holds every metric asked for, and
+    ``metric_block_scores`` each feature metric's value per block."""
 
     name: str
     score: float
     block_scores: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
+    metric_block_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def score_models(
