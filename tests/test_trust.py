@@ -76,6 +76,97 @@ def test_rel_at_k_by_hand_and_degenerate_inputs():
     assert one.n_models == 1 and one.kendall_tau is None
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluate: bootstrap intervals over fine-tuning seeds and over targets
+
+
+def _seeded_accuracies(rng, true, seeds, noise=0.03):
+    return {f"m{i}": t + rng.normal(0.0, noise, size=seeds) for i, t in enumerate(true)}
+
+
+def test_replicate_statistics_are_scipys():
+    # The vectorised bootstrap statistics against scipy, replicate by replicate, ties included
+    # (accuracies are multiples of 1/n_held_out, so replicated means do tie).
+    rng = np.random.default_rng(3)
+    for m in (2, 5, 12):
+        s = rng.normal(size=m)
+        s[: m // 3] = np.round(s[: m // 3])
+        reps = np.round(rng.uniform(0, 1, size=(40, m)) * 8) / 8
+        order = np.argsort(-s, kind="stable")
+        got = ev._replicate_statistics(s, reps, order, ev.REL_AT)
+        for b, r in enumerate(reps):
+            point = ev._point_statistics(s, r, order, ev.REL_AT)
+            for key, value in point.items():
+                if value is None:
+                    assert np.isnan(got[key][b])
+                else:  # same formulas, summation order aside
+                    assert got[key][b] == pytest.approx(value, abs=1e-12), (key, m, b)
+
+
+def test_bootstrap_interval_covers_the_point_and_narrows_with_more_seeds():
+    rng = np.random.default_rng(11)
+    true = np.linspace(0.55, 0.85, 9)
+    scores = {f"m{i}": float(t + rng.normal(0.0, 0.04)) for i, t in enumerate(true)}
+    widths = {}
+    for seeds in (3, 12, 48):
+        acc = _seeded_accuracies(np.random.default_rng(seeds), true, seeds)
+        result = ev.evaluate_metric(scores, acc, "x", n_boot=2000, seed=5)
+        again = ev.evaluate_metric(scores, acc, "x", n_boot=2000, seed=5)
+        assert result.intervals == again.intervals  # seeded: the same numbers every run
+        assert result.seeds == [seeds] * 9
+        for key in ("weighted_tau", "kendall_tau", "pearson"):
+            low, high = result.intervals[key]
+            # Rank statistics are discrete: a point on the edge of its interval may differ in
+            # the last bit from a replicate of another order with the same value.
+            assert low - 1e-12 <= result.value(key) <= high + 1e-12, (key, seeds)
+        widths[seeds] = {k: np.subtract(*result.intervals[k][::-1])
+                         for k in ("weighted_tau", "kendall_tau", "pearson")}
+    for key in widths[3]:  # more seeds, less noise in the ground truth, narrower intervals
+        assert widths[3][key] > widths[12][key] > widths[48][key], key
+
+
+def test_one_seed_has_no_interval_and_targets_give_one(tmp_path):
+    rng = np.random.default_rng(2)
+    true = np.linspace(0.5, 0.9, 6)
+    groups = []
+    for t in range(4):
+        folder = tmp_path / f"target{t}"
+        folder.mkdir()
+        acc = {"models": [{"name": f"m{i}", "held_out_accuracy": float(a)}
+                          for i, a in enumerate(true + rng.normal(0, 0.03, 6))],
+               "dataset": {"root": str(folder)}}
+        good = [{"name": f"m{i}", "score": float(a + rng.normal(0, 0.02))}
+                for i, a in enumerate(true)]
+        bad = [{"name": f"m{i}", "score": float(rng.normal())} for i in range(6)]
+        doc = {"models": [{**g, "metrics": {"good": g["score"], "bad": b["score"]}}
+                          for g, b in zip(good, bad, strict=True)],
+               "settings": {"metrics": ["good", "bad"]}}
+        groups += [_write(folder / "scores.json", doc), _write(folder / "acc.json", acc)]
+    summary = ev.evaluate_targets(ev.group_files(groups), n_boot=500)
+    assert [e.target for e in summary.targets] == [f"target{t}" for t in range(4)]
+    for e in summary.targets:
+        assert all(v is None for m in e.metrics for v in m.intervals.values())  # one seed
+        assert e.better == []  # no spread within a target: nothing is called better
+    low, high = summary.mean["good"]["weighted_tau"][1]
+    taus = [m.weighted_tau for e in summary.targets for m in e.metrics if m.metric == "good"]
+    assert low <= np.mean(taus) <= high and low >= min(taus) and high <= max(taus)
+    assert ("good", "bad") in summary.better and ("bad", "good") not in summary.better
+    with pytest.raises(InputError, match="at least one SCORES"):
+        ev.group_files([groups[1]])
+    with pytest.raises(InputError, match="at least one SCORES"):
+        ev.group_files(groups[:3])
+
+
+def test_seeds_are_read_from_results(tmp_path):
+    doc = {"kind": ft.RESULTS_KIND, "models": [
+        {"name": "a", "held_out_accuracy": 0.8,
+         "seeds": [{"seed": 0, "held_out_accuracy": 0.7}, {"seed": 1, "held_out_accuracy": 0.9}]},
+        {"name": "b", "held_out_accuracy": 0.6}]}
+    acc, _ = ev.read_seed_accuracies(_write(tmp_path / "r.json", doc))
+    assert acc["a"].tolist() == [0.7, 0.9] and acc["b"].tolist() == [0.6]
+    assert ev.is_accuracies_file(tmp_path / "r.json")
+
+
 def _write(path, doc):
     path.write_text(json.dumps(doc))
     return path
