@@ -191,10 +191,34 @@ def unequal_labels(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
     return rng.permutation(np.concatenate([np.arange(c), rng.integers(0, c, size=n - c)]))
 
 
+def _gbc_true_distance(features: np.ndarray, labels: np.ndarray) -> float:
+    # The paper's distance between spherical Gaussians (d/2 on the log term), no variance floor:
+    # what ddscore_jax computed before it followed stable_transfer.
+    d = features.shape[1]
+    stats = {c: (features[labels == c].mean(axis=0), features[labels == c].var(axis=0).mean())
+             for c in np.unique(labels)}
+    total = 0.0
+    for c1, (mu1, v1) in stats.items():
+        for c2, (mu2, v2) in stats.items():
+            if c1 != c2:
+                v = (v1 + v2) / 2
+                dist = np.sum((mu1 - mu2) ** 2) / (8 * v) + d / 2 * np.log(v / np.sqrt(v1 * v2))
+                total += np.exp(-dist)
+    return -total
+
+
+def _transrate_weighted(features: np.ndarray, labels: np.ndarray, eps: float = 1e-4) -> float:
+    # MCR^2's n_c / n class weights: what ddscore_jax computed before it followed tllib.
+    z = features - features.mean(axis=0, keepdims=True)
+    n = len(labels)
+    return _coding_rate(z, eps) - sum((labels == c).sum() / n * _coding_rate(z[labels == c], eps)
+                                      for c in np.unique(labels))
+
+
 def _table() -> None:
     from ddscore_jax import metrics
 
-    cases = [(60, 12, 3), (300, 256, 6), (1000, 256, 6), (24, 40, 2), (100, 256, 6),
+    cases = [(60, 12, 3), (300, 256, 6), (600, 256, 6), (24, 40, 2), (100, 256, 6),
              (200, 256, 2)]
     rows: dict[str, list[str]] = {}
     logme_gap = []
@@ -213,15 +237,22 @@ def _table() -> None:
         if n <= d:
             ours = metrics.logme(fs, y)
             theirs = np.array([logme_thuml(f, y) for f in fs])
-            logme_gap += list(theirs - ours)
+            gap = theirs - ours
+            logme_gap.append(f"{gap.min():.2f} to {gap.max():.2f} (n={n}, d={d})")
+        for name, previous, ref in (("gbc, before (true distance, no floor)", _gbc_true_distance,
+                                     gbc_stable_transfer),
+                                    ("transrate, before (n_c / n weights)", _transrate_weighted,
+                                     transrate_tllib)):
+            rel = max(abs(previous(f, y) - ref(f, y)) / abs(ref(f, y)) for f in fs)
+            rows.setdefault(name, []).append(f"{rel:.0e} (n={n}, d={d})")
         fb = relu_features(rng, n, d, balanced)
         ours, theirs = metrics.transrate(fb, balanced), transrate_tllib(fb, balanced)
         rows.setdefault("transrate, balanced classes", []).append(
             f"{abs(ours - theirs) / abs(theirs):.0e} (n={n}, d={d})")
     for name, cells in rows.items():
         print(f"| {name} | {'; '.join(cells)} |")
-    print(f"LogME, n <= d: the published code minus ours, nats per sample: "
-          f"{min(logme_gap):.2f} to {max(logme_gap):.2f}")
+    print(f"| LogME, n <= d: the published value minus ours, nats per sample | "
+          f"{'; '.join(logme_gap)} |")
 
 
 if __name__ == "__main__":

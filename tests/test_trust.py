@@ -423,7 +423,43 @@ def test_transfer_benchmark_small_runs():
     for row in rows:
         for cell in row.strip("|").split("|")[1:]:
             cell = cell.strip()
-            assert cell == "n/a" or (re.fullmatch(r"[+-]\d\.\d{3}", cell)
-                                     and -1.0 <= float(cell) <= 1.0), row
+            # tau_w, with its 95% interval where there is one (the mean over targets).
+            match = re.fullmatch(r"([+-]\d\.\d{3})( \[[+-]\d\.\d\d, [+-]\d\.\d\d\])?", cell)
+            assert cell == "n/a" or (match and -1.0 <= float(match.group(1)) <= 1.0), row
     # Every model was fine-tuned on every target, with an accuracy to compare against.
     assert result.stderr.count("held-out accuracy:") == 2
+
+
+def test_transfer_benchmark_on_folders(tmp_path):
+    # Two tiny folders of classes as sources and as targets, beside the packaged sources (few
+    # steps): each target is split with a seed, scored on train/ only, and ranks a zoo without
+    # the model pre-trained on its own images.
+    folders = {name: write_image_folder(tmp_path / name, per_class=6, seed=k, size=(24, 24))
+               for k, name in enumerate(("alpha", "beta"))}
+    (tmp_path / "alpha" / "crack" / "notes.txt").write_text("not an image")
+    out = tmp_path / "bench"
+    args = [sys.executable, str(REPO / "benchmarks" / "transfer_zoo.py"), "--small",
+            "--pretrain-steps", "2", "--epochs", "1", "--train-per-class", "3",
+            "--valid-per-class", "2", "--out", str(out), "--json", str(tmp_path / "r.json")]
+    for name, folder in folders.items():
+        args += ["--source", f"{name}={folder}", "--target", f"{name}={folder}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "5 models, 2 targets" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    for name in folders:
+        target = report["targets"][name]
+        assert target["excluded"] == [f"resnet18_{name}"]
+        assert sorted(target["accuracy"]) == sorted(
+            m for m in report["models"] if m != f"resnet18_{name}")
+        assert (target["n_train"], target["n_held_out"]) == (9, 6)  # 3 classes x (3 + 2)
+        train = {p.name for p in (out / "targets" / name / "train").rglob("*.png")}
+        valid = {p.name for p in (out / "targets" / name / "valid").rglob("*.png")}
+        assert len(train) == 9 and len(valid) == 6 and not train & valid
+        scored = json.loads((out / "scores" / f"{name}.json").read_text())
+        assert scored["dataset"]["root"] == str((out / "targets" / name / "train").resolve())
+        assert (out / "figures" / f"{name}.png").is_file()
+    assert set(report["mean_over_targets"]) >= {"ddscore", "logme"}
+    bad = subprocess.run([*args[:2], "--source", f"x={tmp_path / 'missing'}"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
