@@ -26,6 +26,7 @@ import numpy as np
 from ddscore_jax.score import BLOCKS, RCOND, ModelScore, precision_for, train_indices
 from ddscore_jax.score import block_scores as ddscore
 from ddscore_jax.score import score_models as _score_models
+from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
 
 TRANSRATE_EPS = 1e-4  # the distortion of TransRate's coding rate (eps^2 of the paper, see docs)
 LOGME_TOL = 1e-10  # relative change of alpha and beta at which the fixed point counts as reached
@@ -64,9 +65,10 @@ def _encode_labels(labels: np.ndarray, n: int, dtype, *, min_classes: int = 2) -
 
 @partial(jax.jit, static_argnames=("fn",))
 def _batched(fn: Callable, x: jax.Array, labels: _Labels):
-    # x: (..., n, d). One compiled program for every model and block at once.
+    # x: (..., n, d). One compiled program for every model and block at once, one matrix per
+    # LAPACK call (serial_lapack: batched CPU decompositions can deadlock).
     flat = x.reshape((-1, *x.shape[-2:]))
-    out = jax.vmap(fn, in_axes=(0, None))(flat, labels)
+    out = map_matrices(fn, flat, labels)
     return jax.tree.map(lambda a: a.reshape(x.shape[:-2] + a.shape[1:]), out)
 
 
@@ -77,6 +79,7 @@ def _run(fn: Callable, x: np.ndarray, labels: np.ndarray | None, precision: str 
         raise ValueError(f"expected an array of shape (..., n, d), got {x.shape}")
     precision = precision or precision_for()
     dtype = np.float64 if precision == "float64" else np.float32
+    single_threaded_blas()
     with jax.enable_x64(precision == "float64"):
         if labels is None:  # a label-free computation (Ledoit-Wolf): one dummy class
             enc = _Labels(jnp.ones((x.shape[-2], 1), dtype), jnp.zeros((1, 1), jnp.int32),
@@ -124,8 +127,11 @@ def _centred_class_means(f: jax.Array, onehot: jax.Array) -> jax.Array:
 
 
 def _logdet_spd(a: jax.Array) -> jax.Array:
-    # Only ever called on I + (PSD matrix): Cholesky is stable and cheaper than an LU.
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(a), axis1=-2, axis2=-1)), -1)
+    """log det of each SPD matrix of ``a`` (k, m, m) -> (k,)."""
+    # Only ever called on I + (PSD matrix): Cholesky is stable and cheaper than an LU. One matrix
+    # per LAPACK call, like every decomposition here (serial_lapack).
+    chol = jax.lax.map(jnp.linalg.cholesky, a)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,9 +337,6 @@ def _transrate_one(f: jax.Array, lab: _Labels) -> jax.Array:
         gram_c = jnp.swapaxes(zc, 1, 2) @ zc
     scaled = jnp.concatenate([gram[None] / (n * TRANSRATE_EPS),
                               gram_c / (counts * TRANSRATE_EPS)[:, None, None]])
-    # One batched Cholesky for all C + 1 matrices, not two: jaxlib 0.10's CPU LAPACK kernels
-    # wait on the XLA thread pool for their batch, and two such calls running side by side can
-    # deadlock it on a 2-core machine.
     rates = 0.5 * _logdet_spd(jnp.eye(gram.shape[0], dtype=f.dtype) + scaled)
     return rates[0] - jnp.sum(counts / n * rates[1:])
 
