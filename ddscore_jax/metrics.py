@@ -7,7 +7,7 @@ softmax outputs (..., n, Z) instead of features. Each is written from its paper'
 definitions, the numerical choices and where they differ from the widely copied reference code are
 in docs/metrics.md.
 
-As in ``score.py``, one compiled program scores every (model, block) matrix at once (``jax.vmap``
+As in ``score.py``, one compiled program scores every (model, block) matrix at once (``lax.map``
 over the flattened leading axes), in float64 wherever the backend has it.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from ddscore_jax.score import BLOCKS, RCOND, ModelScore, _block_score, precision_for, train_indices
 from ddscore_jax.score import block_scores as ddscore
+from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
 
 TRANSRATE_EPS = 1e-4  # the distortion of TransRate's coding rate (eps^2 of the paper, see docs)
 LOGME_TOL = 1e-10  # relative change of alpha and beta at which the fixed point counts as reached
@@ -71,10 +72,10 @@ _compiled: OrderedDict[tuple, Callable] = OrderedDict()
 def _chained(names: tuple[str, ...], f: jax.Array, lab: _Labels) -> dict:
     """Every metric of ``names`` on one (n, d) matrix, one after the other.
 
-    jaxlib's CPU LAPACK kernels wait on XLA's thread pool for their batch, and two independent
-    decompositions in one program can deadlock it on a 2-core machine (docs/metrics.md). So each
-    metric's input is passed through a barrier with the previous metric's output: the
-    decompositions of one metric start only after the previous metric is done.
+    Each metric's input passes through a barrier with the previous metric's output, so the
+    decompositions of one metric start only after the previous metric is done: with
+    serial_lapack's one matrix per LAPACK call, at most one decomposition per matrix is in flight
+    (the CPU pool deadlock of docs/metrics.md needs two at once).
     """
     out = {}
     x = f
@@ -92,7 +93,8 @@ def _program(names: tuple[str, ...]) -> Callable:
     def run(x: jax.Array, labels: _Labels) -> dict:
         # x: (..., n, d). One program for every metric, model and block at once.
         flat = x.reshape((-1, *x.shape[-2:]))
-        out = jax.vmap(partial(_chained, names), in_axes=(0, None))(flat, labels)
+        # lax.map, not vmap: one matrix per LAPACK call (serial_lapack).
+        out = map_matrices(partial(_chained, names), flat, labels)
         return jax.tree.map(lambda a: a.reshape(x.shape[:-2] + a.shape[1:]), out)
 
     return jax.jit(run)
@@ -129,6 +131,7 @@ def _run(names: Sequence[str], x: np.ndarray, labels: np.ndarray | None,
         raise ValueError(f"expected an array of shape (..., n, d), got {x.shape}")
     precision = precision or precision_for()
     dtype = np.float64 if precision == "float64" else np.float32
+    single_threaded_blas()
     with jax.enable_x64(precision == "float64"):
         if labels is None:  # a label-free computation (Ledoit-Wolf): one dummy class
             enc = _Labels(jnp.ones((x.shape[-2], 1), dtype), jnp.zeros((1, 1), jnp.int32),
@@ -183,8 +186,11 @@ def _centred_class_means(f: jax.Array, onehot: jax.Array) -> jax.Array:
 
 
 def _logdet_spd(a: jax.Array) -> jax.Array:
-    # Only ever called on I + (PSD matrix): Cholesky is stable and cheaper than an LU.
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(a), axis1=-2, axis2=-1)), -1)
+    """log det of each SPD matrix of ``a`` (k, m, m) -> (k,)."""
+    # Only ever called on I + (PSD matrix): Cholesky is stable and cheaper than an LU. One matrix
+    # per LAPACK call, like every decomposition here (serial_lapack).
+    chol = jax.lax.map(jnp.linalg.cholesky, a)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,9 +412,6 @@ def _transrate_one(f: jax.Array, lab: _Labels) -> jax.Array:
         gram_c = jnp.swapaxes(zc, 1, 2) @ zc
     scaled = jnp.concatenate([gram[None] / (n * TRANSRATE_EPS),
                               gram_c / (counts * TRANSRATE_EPS)[:, None, None]])
-    # One batched Cholesky for all C + 1 matrices, not two: jaxlib 0.10's CPU LAPACK kernels
-    # wait on the XLA thread pool for their batch, and two such calls running side by side can
-    # deadlock it on a 2-core machine.
     rates = 0.5 * _logdet_spd(jnp.eye(gram.shape[0], dtype=f.dtype) + scaled)
     return rates[0] - jnp.mean(rates[1:])
 

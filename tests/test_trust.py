@@ -167,6 +167,41 @@ def test_seeds_are_read_from_results(tmp_path):
     assert ev.is_accuracies_file(tmp_path / "r.json")
 
 
+def test_evaluate_cli_two_targets_with_seeds(tmp_path):
+    rng = np.random.default_rng(4)
+    true = np.linspace(0.5, 0.9, 5)
+    files = []
+    for t in ("tiles", "pcb"):
+        (tmp_path / t).mkdir()
+        acc = {"kind": ft.RESULTS_KIND, "dataset": {"root": str(tmp_path / t)}, "models": [
+            {"name": f"m{i}", "held_out_accuracy": float(a),
+             "seeds": [{"seed": k, "held_out_accuracy": float(a + rng.normal(0, 0.02))}
+                       for k in range(3)]} for i, a in enumerate(true)]}
+        scores = {"models": [{"name": f"m{i}", "score": float(a + rng.normal(0, 0.05)),
+                              "metrics": {"ddscore": float(a), "knn": float(rng.normal())}}
+                             for i, a in enumerate(true)],
+                  "settings": {"metrics": ["ddscore", "knn"]},
+                  "dataset": {"root": str(tmp_path / t / "train")}}
+        files += [_write(tmp_path / f"{t}_scores.json", scores),
+                  _write(tmp_path / f"{t}_results.json", acc)]
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    run = cli("evaluate", *files, "--figure", figures, "--bootstrap", "200", "--json", "-")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert [t["target"] for t in doc["targets"]] == ["tiles", "pcb"]
+    for t in doc["targets"]:
+        for m in t["metrics"]:
+            low, high = m["intervals"]["weighted_tau"]
+            assert low - 1e-12 <= m["weighted_tau"] <= high + 1e-12
+            assert all(x["seeds"] == 3 for x in m["models"])
+    mean = doc["mean_over_targets"]["ddscore"]["weighted_tau"]
+    assert mean["interval"][0] <= mean["mean"] <= mean["interval"][1]
+    assert "mean over 2 targets" in run.stderr
+    assert sorted(p.name for p in figures.iterdir()) == ["pcb.png", "tiles.png"]
+    assert doc["figures"] == [str(figures / "tiles.png"), str(figures / "pcb.png")]
+
+
 def _write(path, doc):
     path.write_text(json.dumps(doc))
     return path
