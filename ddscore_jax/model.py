@@ -195,10 +195,21 @@ class AvgPoolDown(Identity):
 
 
 class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics)."""
+    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics).
+
+    In training the running variance follows torch's: it is updated with the *unbiased* batch
+    variance (n / (n - 1) times the one that normalises the batch), where Flax uses the biased one.
+    """
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return super().__call__(x, use_running_average=not train)
+        if not train:
+            return super().__call__(x, use_running_average=True)
+        old = self.var[...]
+        y = super().__call__(x, use_running_average=False)
+        n = x.size // x.shape[-1]
+        # Flax stored m * old + (1 - m) * biased; rescale the new part to the unbiased variance.
+        self.var[...] = self.momentum * old + (self.var[...] - self.momentum * old) * (n / max(n - 1, 1))
+        return y
 
 
 def _norm(channels: int, config: ResNetConfig, rngs: nnx.Rngs) -> nnx.Module:
