@@ -208,7 +208,8 @@ class BatchNorm(nnx.BatchNorm):
         y = super().__call__(x, use_running_average=False)
         n = x.size // x.shape[-1]
         # Flax stored m * old + (1 - m) * biased; rescale the new part to the unbiased variance.
-        self.var[...] = self.momentum * old + (self.var[...] - self.momentum * old) * (n / max(n - 1, 1))
+        kept = self.momentum * old
+        self.var[...] = kept + (self.var[...] - kept) * (n / max(n - 1, 1))
         return y
 
 
