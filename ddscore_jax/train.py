@@ -132,7 +132,7 @@ class Trainer:
         rng = np.random.default_rng(seed)
         flip_key = jax.random.key(seed)
         # The caller's state is not ours to donate.
-        params, stats = jax.tree.map(jnp.array, state).split(nnx.Param, nnx.BatchStat)
+        params, stats = nnx.split_state(jax.tree.map(jnp.array, state), nnx.Param, nnx.BatchStat)
         opt_state = self.tx.init(params)
         order = np.empty(0, dtype=np.int64)
         losses: list[jax.Array] = []
