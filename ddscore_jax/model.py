@@ -195,21 +195,19 @@ class AvgPoolDown(Identity):
 
 
 class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics).
-
-    In training the running variance follows torch's: it is updated with the *unbiased* batch
-    variance (n / (n - 1) times the one that normalises the batch), where Flax uses the biased one.
-    """
+    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics), whose
+    running variance follows torch's: updated with the unbiased batch variance (Flax's own uses
+    the biased one), while the batch is normalised with the biased one, as both do."""
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if not train:
             return super().__call__(x, use_running_average=True)
-        old = self.var[...]
+        old = self.var.get_value()
         y = super().__call__(x, use_running_average=False)
         n = x.size // x.shape[-1]
-        # Flax stored m * old + (1 - m) * biased; rescale the new part to the unbiased variance.
-        kept = self.momentum * old
-        self.var[...] = kept + (self.var[...] - kept) * (n / max(n - 1, 1))
+        m = self.momentum
+        # Flax stored m * old + (1 - m) * biased; rescale the batch's share by n / (n - 1).
+        self.var.set_value(m * old + (self.var.get_value() - m * old) * (n / max(n - 1, 1)))
         return y
 
 
@@ -437,7 +435,8 @@ def from_state_dict(state_dict: StateDict, config: ResNetConfig) -> nnx.State:
     flat = []
     for path, var in nnx.to_flat_state(abstract(config)[1]):
         value = _to_flax_layout(str(path[-1]), np.asarray(state_dict[_torch_name(path)]))
-        flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
+        # A copy: on CPU jnp.asarray may alias the NumPy buffer, which the caller may reuse.
+        flat.append((path, var.replace(jnp.array(value, jnp.float32))))
     return nnx.from_flat_state(flat)
 
 
