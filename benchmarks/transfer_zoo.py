@@ -35,7 +35,7 @@ a model pre-trained on a target's own folder is left out of that target's zoo.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import re
 import shutil
@@ -49,15 +49,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddscore_jax import cache, data, evaluate, finetune, fullmodel, zoo
+from ddscore_jax import cache, data, evaluate, finetune, model, sources, train, zoo
 
 ARCH = "resnet18"
 SEED = 0
-CROP = 64  # crops of the scikit-image pictures, in source pixels, before resizing
-TRAIN_ROWS = 0.7  # rows above this fraction of a picture feed the sources, rows below the targets
-TEXTURES = ("brick", "grass", "gravel", "camera", "coins", "moon", "text", "page", "clock", "cell")
-SCENES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-          "immunohistochemistry", "retina", "colorwheel")
+TEXTURES = sources.TEXTURES
+SCENES = sources.SCENES
 TARGET_SCENES = SCENES[:5]
 DEFECT_SURFACES = ("brick", "grass", "gravel")
 # Pre-training gives every source this many outputs (the largest source has 10 classes), so all
@@ -91,119 +88,45 @@ SMALL = Config(
     image_size=32, sources=("digits", "textures", "faces"),
     targets=(("defects", 20, 12), ("digits", 10, 5)),
     short_models=False, random_model=False, pretrain_steps=40, pretrain_batch=16,
-    finetune_settings=finetune.Settings(image_size=32, epochs=6),
+    # One learning rate: a smoke test of the pipeline, not a ground truth.
+    finetune_settings=finetune.Settings(image_size=32, epochs=6, learning_rates=(1e-3,)),
 )
 
 
 # ---------------------------------------------------------------------------------------------
-# Images: uint8, (n, h, w) grayscale or (n, h, w, 3) colour.
+# Images: uint8, (n, h, w) grayscale or (n, h, w, 3) colour (ddscore_jax.sources).
 
-
-@dataclass(frozen=True)
-class Labelled:
-    images: np.ndarray
-    labels: np.ndarray
-    classes: tuple[str, ...]
-
-
-def _picture(name: str, color: bool = False) -> np.ndarray:
-    from skimage import data as skdata
-
-    img = getattr(skdata, name)()
-    mode = "RGB" if color else "L"
-    if img.ndim == 2 and not color:
-        return img
-    return np.asarray(Image.fromarray(img[..., :3] if img.ndim == 3 else img).convert(mode))
-
-
-def _rows(img: np.ndarray, part: str) -> np.ndarray:
-    cut = int(TRAIN_ROWS * img.shape[0])
-    return img[:cut] if part == "source" else img[cut:]
-
-
-def _crops(img: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    h, w = img.shape[:2]
-    ys, xs = rng.integers(0, h - CROP + 1, count), rng.integers(0, w - CROP + 1, count)
-    return np.stack([img[y:y + CROP, x:x + CROP] for y, x in zip(ys, xs, strict=True)])
-
-
-def _picture_crops(names, part: str, per_class: int, color: bool, seed: int) -> Labelled:
-    rng = np.random.default_rng(seed)
-    images = [_crops(_rows(_picture(n, color), part), per_class, rng) for n in names]
-    labels = np.repeat(np.arange(len(names)), per_class)
-    return Labelled(np.concatenate(images), labels, tuple(names))
-
-
-def _digits(part: str) -> Labelled:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    keep = np.arange(len(d.target)) % 2 == (0 if part == "source" else 1)
-    images = np.round(d.images[keep] * (255 / 16)).astype(np.uint8)  # pixel values run 0..16
-    return Labelled(images, d.target[keep], tuple(str(i) for i in range(10)))
-
-
-def _faces(part: str) -> Labelled:
-    from skimage import data as skdata
-
-    images = np.round(skdata.lfw_subset() * 255).astype(np.uint8)
-    labels = np.repeat([1, 0], 100)  # the first 100 are faces
-    # The first 70 of each class feed the source, the other 30 the target.
-    keep = (np.arange(200) % 100 < 70) == (part == "source")
-    return Labelled(images[keep], labels[keep], ("non-face", "face"))
+Labelled = sources.Labelled
+to_inputs = sources.to_inputs
 
 
 def source_task(name: str) -> Labelled:
     if name == "digits":
-        return _digits("source")
+        return sources.digits("source")
     if name == "faces":
-        return _faces("source")
+        return sources.faces("source")
     if name == "textures":
-        return _picture_crops(TEXTURES, "source", 100, False, SEED)
+        return sources.picture_crops(name, TEXTURES, "source", 100, seed=SEED)
     if name == "scenes":
-        return _picture_crops(SCENES, "source", 100, True, SEED)
+        return sources.picture_crops(name, SCENES, "source", 100, color=True, seed=SEED)
     raise ValueError(name)
-
-
-def _defect(crop: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    # A thin straight scratch or a soft round spot, brighter or darker than the surface.
-    yy, xx = np.mgrid[0:CROP, 0:CROP].astype(np.float32)
-    cy, cx = rng.uniform(0.3 * CROP, 0.7 * CROP, 2)
-    if kind == "scratch":
-        angle = rng.uniform(0, np.pi)
-        dy, dx = np.sin(angle), np.cos(angle)
-        along = (yy - cy) * dy + (xx - cx) * dx
-        across = np.abs(-(yy - cy) * dx + (xx - cx) * dy)
-        # Wide enough to survive the resize to 32 pixels.
-        mask = np.clip(rng.uniform(2.5, 4.0) - across, 0, 1) * (
-            np.abs(along) <= rng.uniform(0.3, 0.5) * CROP)
-    else:
-        ry, rx = rng.uniform(0.12, 0.22, 2) * CROP
-        mask = np.clip((1.0 - np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)) * 4, 0, 1)
-    value = 255.0 if rng.random() < 0.5 else 0.0
-    out = crop.astype(np.float32) * (1 - mask) + value * mask
-    return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
 def target_task(name: str, per_class: int) -> Labelled:
     rng = np.random.default_rng(SEED + 1)
     if name == "defects":
-        classes = ("clean", "scratch", "spot")
-        surfaces = [_rows(_picture(s), "target") for s in DEFECT_SURFACES]
-        images, labels = [], []
-        for c, kind in enumerate(classes):
-            for i in range(per_class):
-                crop = _crops(surfaces[i % len(surfaces)], 1, rng)[0]
-                images.append(crop if kind == "clean" else _defect(crop, kind, rng))
-                labels.append(c)
-        return Labelled(np.stack(images), np.array(labels), classes)
+        surfaces = [sources.rows(sources.picture(s), "target") for s in DEFECT_SURFACES]
+        # Marks wider and spots larger than the demo's: they must survive the resize to 32 px.
+        return sources.defects(surfaces, per_class, rng, scratch_width=(2.5, 4.0),
+                               spot_radius=(0.12, 0.22))
     if name == "scenes":
-        return _picture_crops(TARGET_SCENES, "target", per_class, True, SEED + 2)
-    task = _digits("target") if name == "digits" else _faces("target")
+        return sources.picture_crops(name, TARGET_SCENES, "target", per_class, color=True,
+                                     seed=SEED + 2)
+    task = sources.digits("target") if name == "digits" else sources.faces("target")
     # At most per_class images of each class, drawn with a seed.
-    keep = np.concatenate([rng.permutation(np.flatnonzero(task.labels == c))[:per_class]
-                           for c in range(len(task.classes))])
-    return Labelled(task.images[np.sort(keep)], task.labels[np.sort(keep)], task.classes)
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(task.labels == c))[:per_class]
+                                   for c in range(len(task.classes))]))
+    return Labelled(name, task.images[keep], task.labels[keep], task.classes)
 
 
 def write_target(task: Labelled, folder: Path, train_per_class: int) -> None:
@@ -217,34 +140,19 @@ def write_target(task: Labelled, folder: Path, train_per_class: int) -> None:
                 Image.fromarray(task.images[i]).save(folder / part / cls / f"{i:04d}.png")
 
 
-def to_inputs(images: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 images -> (n, S, S, 3) float32, preprocessed exactly as ``data.load_image`` does."""
-    out = np.empty((len(images), image_size, image_size, 3), np.float32)
-    for i, img in enumerate(images):
-        rgb = Image.fromarray(img).convert("RGB").resize((image_size, image_size),
-                                                         Image.BILINEAR)
-        out[i] = (np.asarray(rgb, np.float32) / np.float32(255) - data.MEAN) / data.STD
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The zoo.
 
 
-def _digest(flat: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(flat):
-        value = np.ascontiguousarray(flat[key], np.float32)
-        h.update(f"{key}:{value.shape}".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
-
-
-def _addition(name: str, state) -> zoo.Addition:
-    backbone, head = fullmodel.split_flat(state)
+def _addition(name: str, config: model.ResNetConfig, state) -> zoo.Addition:
+    sd = model.to_state_dict(state)
     return zoo.Addition(name=name, source=Path(f"benchmark:{name}"), source_format="benchmark",
-                        sha256=_digest({**backbone, **head}),
-                        model=zoo.ImportedModel(arch=ARCH, params=backbone, head=head))
+                        sha256=sources.params_digest(sd), model=zoo.ImportedModel(config, sd))
+
+
+def _fresh(config: model.ResNetConfig, seed: int):
+    # A ResNet18 with BatchNorm, initialised as torchvision does.
+    return model.from_state_dict(model.init_state_dict(config, seed), config)
 
 
 def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
@@ -254,15 +162,14 @@ def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
     ``folders`` are more sources, each pre-trained on (at most ``images_per_class`` of each
     class of) its images. Returns ``{model: the source folder it was pre-trained on, or None}``.
     """
-    settings = finetune.Settings(image_size=cfg.image_size, batch_size=cfg.pretrain_batch,
-                                 optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4,
-                                 seed=SEED)
+    recipe = train.Recipe(batch_size=cfg.pretrain_batch, optimizer="adamw", learning_rate=1e-3,
+                          weight_decay=1e-4, schedule="cosine")
     loaded = {f.name: load_folder(f.path, cfg.image_size, images_per_class, log)
               for f in folders}
     # One head width for every source (so one compiled train step): the widest source's.
     width = max([SOURCE_CLASSES] + [len(classes) for _, _, classes in loaded.values()])
-    graphdef, _ = fullmodel.init(ARCH, width)
-    trainer = finetune.Trainer(graphdef, settings)
+    config = dataclasses.replace(model.CONFIGS[ARCH], num_classes=width)
+    trainer = train.Trainer(config, recipe)
     additions = []
     origin: dict[str, Path | None] = {}
     tasks = [(name, None) for name in cfg.sources] + [(f.name, f.path) for f in folders]
@@ -277,18 +184,17 @@ def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
             lengths.append(("_short", max(1, cfg.pretrain_steps // 6)))
         for suffix, steps in lengths:
             started = time.monotonic()
-            _, state = fullmodel.init(ARCH, width, seed=SEED + k)
-            state, loss = trainer.train(state, x, y, steps=steps, seed=SEED + k)
+            state = _fresh(config, SEED + k)
+            state, loss = trainer.train(state, x, y, steps, seed=SEED + k)
             probe = np.random.default_rng(SEED).permutation(len(x))[:256]
             acc = trainer.accuracy(state, x[probe], y[probe], 256)
             log(f"  pre-trained {ARCH}_{name}{suffix}: {len(x)} images, {steps} steps, "
                 f"loss {loss:.3f}, accuracy on {len(probe)} of them {acc:.3f}, "
                 f"{time.monotonic() - started:.0f} s")
-            additions.append(_addition(f"{ARCH}_{name}{suffix}", state))
+            additions.append(_addition(f"{ARCH}_{name}{suffix}", config, state))
             origin[additions[-1].name] = folder
     if cfg.random_model:
-        _, state = fullmodel.init(ARCH, width, seed=SEED + 99)
-        additions.append(_addition(f"{ARCH}_random", state))
+        additions.append(_addition(f"{ARCH}_random", config, _fresh(config, SEED + 99)))
         origin[additions[-1].name] = None
     zoo.add(zoo_dir, additions)
     return origin
@@ -517,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="pre-train a folder source on at most this many images per class")
     parser.add_argument("--pretrain-steps", type=int, help="steps per source model")
     parser.add_argument("--epochs", type=float, help="fine-tuning epochs")
+    parser.add_argument("--seeds", type=int, help="fine-tuning repeats per learning rate (the "
+                        "intervals come from their spread)")
+    parser.add_argument("--learning-rate", type=float, action="append", default=[],
+                        help="fine-tuning learning-rate grid (repeatable)")
     args = parser.parse_args(argv)
     cfg = SMALL if args.small else FULL
     try:
@@ -543,8 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     size = args.image_size or cfg.image_size
     cfg = replace(cfg, image_size=size,
                   pretrain_steps=args.pretrain_steps or cfg.pretrain_steps,
-                  finetune_settings=replace(cfg.finetune_settings, image_size=size,
-                                            epochs=args.epochs or cfg.finetune_settings.epochs))
+                  finetune_settings=replace(
+                      cfg.finetune_settings, image_size=size,
+                      epochs=args.epochs or cfg.finetune_settings.epochs,
+                      seeds=args.seeds or cfg.finetune_settings.seeds,
+                      learning_rates=tuple(args.learning_rate)
+                      or cfg.finetune_settings.learning_rates))
     out = args.out or Path(tempfile.mkdtemp(prefix="ddscore-transfer-"))
     if args.out and (out / "zoo").exists():
         print(f"{out}: already holds a benchmark; give an empty or new --out", file=sys.stderr)

@@ -33,18 +33,24 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="Images per training step.", min=1)] = 32,
     epochs: Annotated[float, typer.Option(help="Passes over DATA/train.")] = 10.0,
     optimizer: Annotated[str, typer.Option(help="adamw, or sgd (with momentum).")] = "adamw",
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    learning_rate: Annotated[list[float] | None, typer.Option(
+        help="Peak learning rate of the grid (repeat the option for several); each model's "
+             "accuracy is that of its best rate. [default: 0.001, 0.0003, 0.0001]")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(
-        help="Decoupled weight decay (adamw) or L2 decay (sgd).")] = 1e-4,
+        help="Decoupled weight decay (adamw) or L2 decay (sgd); fixed, not searched.")] = 1e-4,
     schedule: Annotated[str, typer.Option(
         help="cosine (decay to 0 over the run) or constant.")] = "cosine",
     clip_norm: Annotated[float, typer.Option(
         help="Clip gradients to this global norm (0: no clipping).")] = 1.0,
     flip: Annotated[bool, typer.Option(
         "--flip/--no-flip", help="Augment with random horizontal flips.")] = False,
+    seeds: Annotated[int, typer.Option(
+        help="Runs per learning rate, with seeds SEED, SEED+1, ...: the results record their "
+             "mean and spread.")] = 1,
     seed: Annotated[int, typer.Option(
-        help="Seed of the batch order, the flips and any freshly initialised layer4.")] = 0,
+        help="First seed of the batch order, the flips and any freshly initialised "
+             "layer4.")] = 0,
     json_out: Annotated[str | None, typer.Option(
         "--json", metavar="PATH|-", help="Also write the results ('-' for stdout).")] = None,
 ) -> None:
@@ -54,20 +60,24 @@ def finetune(
 
     from ddscore_jax import finetune as ft
 
+    grid = tuple(learning_rate) if learning_rate else ft.Settings.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
-                           optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
+                           optimizer=optimizer, learning_rates=grid, momentum=momentum,
                            weight_decay=weight_decay, schedule=schedule, clip_norm=clip_norm,
-                           flip=flip, seed=seed)
+                           flip=flip, seeds=seeds, seed=seed)
     with _Bars() as bars:
         doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars)
     table = Table(title=f"{data_root}: held-out accuracy after fine-tuning "
                         f"({doc['dataset']['held_out']['n_images']} images in valid/)",
                   caption=f"results: {out}")
-    for col, justify in (("model", "left"), ("accuracy", "right"), ("layer4", "left"),
-                         ("train loss", "right"), ("seconds", "right")):
+    for col, justify in (("model", "left"), ("accuracy", "right"), ("sd", "right"),
+                         ("best lr", "right"), ("layer4", "left"), ("train loss", "right"),
+                         ("seconds", "right")):
         table.add_column(col, justify=justify)
     for m in sorted(doc["models"], key=lambda m: -m["held_out_accuracy"]):
-        table.add_row(m["name"], f"{m['held_out_accuracy']:.4f}", m["layer4"],
+        table.add_row(m["name"], f"{m['held_out_accuracy']:.4f}",
+                      f"{m.get('held_out_accuracy_sd', 0.0):.4f}",
+                      f"{m.get('best_learning_rate', float('nan')):g}", m["layer4"],
                       f"{m['final_train_loss']:.4f}", f"{m['seconds']:.1f}")
     console.print(table)
     if any(m["layer4"] == "fresh" for m in doc["models"]):

@@ -188,9 +188,15 @@ def load_image(path: str | os.PathLike, image_size: int = 224) -> np.ndarray:
     """One image as (image_size, image_size, 3) float32, normalised. InputError names a bad file."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            return preprocess(img, image_size)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: cannot read image ({e})") from None
+
+
+def preprocess(img: Image.Image, image_size: int) -> np.ndarray:
+    """A Pillow image -> (image_size, image_size, 3) float32: RGB, bilinear resize, /255, ImageNet
+    normalisation. The one preprocessing: files (:func:`load_image`) and in-memory images alike."""
+    rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
     # Same float32 operations in the same order as ToTensor() and Normalize().
     x = np.asarray(rgb, dtype=np.float32) / np.float32(255)
     return (x - MEAN) / STD

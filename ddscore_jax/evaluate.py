@@ -157,12 +157,17 @@ def read_scores(path: str | os.PathLike) -> tuple[list[MetricScores], dict]:
 
 def _seed_values(entry: dict) -> list[float] | None:
     """A model's held-out accuracy per fine-tuning seed, wherever a results file keeps them."""
+    # `finetune` writes "seed_accuracies" (numbers; its "seeds" are the seed numbers). Lists of
+    # run objects under "seeds" or "runs" are read too; numbers there are not accuracies.
     for key in ("seed_accuracies", "accuracies", "seeds", "runs"):
         runs = entry.get(key)
         if not isinstance(runs, list) or not runs:
             continue
-        values = [_number(r.get("held_out_accuracy", r.get("accuracy"))) if isinstance(r, dict)
-                  else _number(r) for r in runs]
+        if key in ("seeds", "runs"):
+            values = [_number(r.get("held_out_accuracy", r.get("accuracy")))
+                      if isinstance(r, dict) else None for r in runs]
+        else:
+            values = [_number(r) for r in runs]
         if all(v is not None for v in values):
             return values
     single = _number(entry.get("held_out_accuracy", entry.get("accuracy")))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from ddscore_jax.converters import load_checkpoint
 from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
 from PIL import Image
@@ -22,7 +21,7 @@ from scipy import stats
 
 from ddscore_jax import evaluate as ev
 from ddscore_jax import finetune as ft
-from ddscore_jax import fullmodel, model, zoo
+from ddscore_jax import model, zoo
 from ddscore_jax.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,9 +160,13 @@ def test_seeds_are_read_from_results(tmp_path):
     doc = {"kind": ft.RESULTS_KIND, "models": [
         {"name": "a", "held_out_accuracy": 0.8,
          "seeds": [{"seed": 0, "held_out_accuracy": 0.7}, {"seed": 1, "held_out_accuracy": 0.9}]},
-        {"name": "b", "held_out_accuracy": 0.6}]}
+        {"name": "b", "held_out_accuracy": 0.6},
+        # As `finetune` writes it: "seeds" holds the seed numbers, not accuracies.
+        {"name": "c", "held_out_accuracy": 0.5, "seed_accuracies": [0.4, 0.6], "seeds": [0, 1]},
+        {"name": "d", "held_out_accuracy": 0.5, "seeds": [0, 1]}]}
     acc, _ = ev.read_seed_accuracies(_write(tmp_path / "r.json", doc))
     assert acc["a"].tolist() == [0.7, 0.9] and acc["b"].tolist() == [0.6]
+    assert acc["c"].tolist() == [0.4, 0.6] and acc["d"].tolist() == [0.5]
     assert ev.is_accuracies_file(tmp_path / "r.json")
 
 
@@ -254,35 +257,35 @@ def test_reads_rank_json_and_multi_metric_files(tmp_path):
 # The full network
 
 
-def test_full_network_matches_torchvision(tmp_path):
-    """Imported weights through the zoo (params + head) give torchvision's logits."""
+def test_finetuning_network_keeps_the_source_and_adds_what_it_lacks(tmp_path):
+    """A converted checkpoint keeps every weight and BatchNorm statistic; a backbone-only one gets
+    a seeded torchvision-initialised layer4 with BatchNorm; both get a zero classifier."""
     net = torch_resnet("resnet18", seed=3, num_classes=5)
     imported = load_checkpoint(save_pth(net, tmp_path / "r18.pth"))
-    zoo.add(tmp_path / "zoo", [zoo.Addition("r18", tmp_path / "r18.pth", "pytorch", "0" * 64,
-                                            imported)])
-    entry = zoo.read(tmp_path / "zoo")[0]
-    head = zoo.load_head(tmp_path / "zoo", entry)
-    assert fullmodel.head_width(head) == 5
-    graphdef, state, pretrained = fullmodel.build(
-        "resnet18", 5, zoo.load_params(tmp_path / "zoo", entry), head, keep_fc=True)
-    assert pretrained
-    x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
-    from flax import nnx
+    config, state, pretrained = ft.network(imported, 3)
+    assert pretrained and config.num_classes == 3 and config.batchnorm
+    sd = model.to_state_dict(state)
+    for key, value in imported.state_dict.items():
+        if not key.startswith("fc."):
+            np.testing.assert_array_equal(sd[key], value, err_msg=key)
+    assert not sd["fc.weight"].any() and not sd["fc.bias"].any()
 
-    ours = np.asarray(nnx.merge(graphdef, state)(x))
-    with torch.no_grad():
-        ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    # float32 forwards with BatchNorm folded one way and applied the other: 1e-4 of the scale.
-    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
-    # A fresh head for fine-tuning: zero logits, pre-trained layer4 kept.
-    graphdef, state, _ = fullmodel.build("resnet18", 3, zoo.load_params(tmp_path / "zoo", entry),
-                                         head)
-    assert np.all(np.asarray(nnx.merge(graphdef, state)(x)) == 0)
-    flat = model.state_to_flat(state)
-    np.testing.assert_array_equal(flat["layer4.1.conv2.kernel"], head["layer4.1.conv2.kernel"])
-    with pytest.raises(ValueError, match="layer4"):
-        fullmodel.build("resnet18", 3, zoo.load_params(tmp_path / "zoo", entry),
-                        {**head, "layer4.0.conv1.kernel": np.zeros((3, 3, 256, 7))})
+    backbone = zoo.ImportedModel(imported.config.backbone(),
+                                 {k: v for k, v in imported.state_dict.items()
+                                  if not k.startswith(("layer4.", "fc."))})
+    config, state, pretrained = ft.network(backbone, 3, seed=7)
+    assert not pretrained and config.depths == (2, 2, 2, 2)
+    fresh = model.to_state_dict(state)
+    np.testing.assert_array_equal(fresh["layer3.1.conv2.weight"],
+                                  imported.state_dict["layer3.1.conv2.weight"])
+    w = fresh["layer4.0.conv1.weight"]  # Kaiming normal, fan_out: std sqrt(2 / (512 * 9))
+    assert abs(w.std() / np.sqrt(2 / (512 * 9)) - 1) < 0.05
+    assert np.all(fresh["layer4.1.bn2.weight"] == 1)
+    assert np.all(fresh["layer4.1.bn2.running_var"] == 1)
+    again = model.to_state_dict(ft.network(backbone, 3, seed=7)[1])
+    assert all(np.array_equal(again[k], fresh[k]) for k in fresh)  # seeded
+    other = model.to_state_dict(ft.network(backbone, 3, seed=8)[1])
+    assert not np.array_equal(other["layer4.0.conv1.weight"], w)
 
 
 def test_cli_defaults_are_the_library_defaults():
@@ -290,6 +293,9 @@ def test_cli_defaults_are_the_library_defaults():
 
     defaults = {name: p.default for name, p in inspect.signature(trust.finetune).parameters.items()
                 if p.default is not inspect.Parameter.empty}
+    # The grid option is repeatable; its None stands for the library's grid.
+    assert defaults.pop("learning_rate") is None
+    defaults["learning_rates"] = ft.Settings.learning_rates
     for field, value in ft.Settings().__dict__.items():
         assert defaults[field] == value, field
 
@@ -306,9 +312,10 @@ def workspace(tmp_path_factory):
     save_pth(torch_resnet("resnet18", 1), root / "r18_full.pth")
     zoo_dir = root / "zoo"
     assert cli("convert", root / "r18_full.pth", "--zoo", zoo_dir).returncode == 0
-    flat = {k: np.asarray(v) for k, v in model.init_flat("resnet18", seed=4).items()}
+    backbone = model.CONFIGS["resnet18"].backbone()
     zoo.add(zoo_dir, [zoo.Addition("r18_backbone", root / "none", "demo", "1" * 64,
-                                   zoo.ImportedModel("resnet18", flat))])
+                                   zoo.ImportedModel(backbone,
+                                                     model.init_state_dict(backbone, 4)))])
     data = root / "data"
     write_image_folder(data / "train", per_class=11, classes=CLASSES, seed=1)
     write_image_folder(data / "valid", per_class=5, classes=CLASSES, seed=2)
@@ -318,7 +325,8 @@ def workspace(tmp_path_factory):
 def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     root, zoo_dir, data = workspace
     results = tmp_path / "results.json"
-    args = ("finetune", zoo_dir, data, "--out", results, "--image-size", SIZE, "--epochs", "2")
+    args = ("finetune", zoo_dir, data, "--out", results, "--image-size", SIZE, "--epochs", "2",
+            "--learning-rate", "1e-3", "--learning-rate", "1e-4")
     first = cli(*args, "--json", "-")
     assert first.returncode == 0, first.stderr
     doc = json.loads(results.read_text())
@@ -329,7 +337,9 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     assert by_name["r18_backbone"]["layer4"] == "fresh"
     for m in doc["models"]:
         assert m["n_held_out"] == 15 and m["steps"] == 3  # ceil(2 epochs * 33 / 32)
-        assert m["held_out_accuracy"] == m["correct"] / 15
+        assert m["held_out_accuracy"] == np.mean(m["correct"]) / 15
+        assert m["best_learning_rate"] in (1e-3, 1e-4) and len(m["seed_accuracies"]) == 1
+        assert set(m["accuracy_by_learning_rate"]) == {"0.001", "0.0001"}
         assert np.isfinite(m["final_train_loss"])
         assert m["settings"]["image_size"] == 32 and m["settings"]["optimizer"] == "adamw"
     assert doc["dataset"]["train"]["n_images"] == 33
@@ -342,13 +352,16 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     assert again.returncode == 0, again.stderr
     assert results.read_bytes() == before
 
-    # One model missing (an interrupted run): only that one is fine-tuned.
+    # The last run missing (an interrupted run): only that one is fine-tuned.
+    assert len(doc["runs"]) == 4  # 2 models x 2 learning rates x 1 seed
+    doc["runs"] = doc["runs"][:3]
     doc["models"] = doc["models"][:1]
     results.write_text(json.dumps(doc))
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     after = json.loads(results.read_text())
     assert after["models"][0] == doc["models"][0]  # kept as it was, seconds included
+    assert after["runs"][:3] == doc["runs"]  # and its runs not repeated
     assert [m["name"] for m in after["models"]] == ["r18_full", "r18_backbone"]
     # Same seeds, same batches: the recomputed model gets the same accuracy.
     assert after["models"][1]["correct"] == by_name["r18_backbone"]["correct"]
@@ -384,6 +397,60 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     leaky.write_text(json.dumps(doc_scores))
     refused = cli("evaluate", leaky, results, "--no-figure")
     assert refused.returncode == 2 and "held-out" in error_line(refused)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_grid_and_seeds_are_recorded_and_resume_without_repeating(workspace, tmp_path):
+    """Every (model, learning rate, seed) is one run, recorded as it finishes; an interrupted
+    call resumes with the runs it lacks, and a wider grid or more seeds reuse the runs done."""
+    _, zoo_dir, data = workspace
+    results = tmp_path / "r.json"
+    settings = ft.Settings(image_size=32, epochs=1, learning_rates=(1e-3, 1e-4), seeds=2, seed=5)
+    started: list[str] = []
+
+    def interrupt_third(description: str, done: int, total: int) -> None:
+        if description.startswith("fine-tuning") and description not in started:
+            started.append(description)
+            if len(started) == 3:  # a step into the third run
+                raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        ft.finetune(zoo_dir, data, results, settings, progress=interrupt_third)
+    doc = json.loads(results.read_text())
+    assert [(r["name"], r["learning_rate"], r["seed"]) for r in doc["runs"]] == [
+        ("r18_full", 1e-3, 5), ("r18_full", 1e-3, 6)]
+    assert doc["models"] == []  # no model has its whole grid yet
+
+    trained: list[str] = []
+    ft.finetune(zoo_dir, data, results, settings,
+                progress=lambda d, i, t: trained.append(d) if d.startswith("fine-tuning") and
+                i == 1 else None)
+    assert len(trained) == 6  # 8 runs, 2 done before
+    assert not any("lr 0.001, seed 5" in d and "r18_full" in d for d in trained)
+    doc = json.loads(results.read_text())
+    assert len(doc["runs"]) == 8
+    for m in doc["models"]:
+        runs = {(r["learning_rate"], r["seed"]): r["held_out_accuracy"] for r in doc["runs"]
+                if r["name"] == m["name"]}
+        means = {lr: (runs[lr, 5] + runs[lr, 6]) / 2 for lr in (1e-3, 1e-4)}
+        best = m["best_learning_rate"]
+        assert means[best] == max(means.values()) == m["held_out_accuracy"]
+        assert m["seed_accuracies"] == [runs[best, 5], runs[best, 6]] and m["seeds"] == [5, 6]
+        assert m["held_out_accuracy_sd"] == pytest.approx(np.std(m["seed_accuracies"], ddof=1))
+    assert {m["name"]: m["layer4"] for m in doc["models"]} == {"r18_full": "pretrained",
+                                                               "r18_backbone": "fresh"}
+
+    # A third seed: only its runs are new.
+    trained.clear()
+    more = ft.Settings(**{**settings.__dict__, "seeds": 3})
+    ft.finetune(zoo_dir, data, results, more,
+                progress=lambda d, i, t: trained.append(d) if d.startswith("fine-tuning") and
+                i == 1 else None)
+    assert len(trained) == 4 and all("seed 7" in d for d in trained)
+    assert all(len(m["seed_accuracies"]) == 3 for m in json.loads(results.read_text())["models"])
 
 
 @pytest.mark.parametrize("case,message", [
@@ -425,7 +492,8 @@ def test_finetune_bad_input_names_the_problem(workspace, tmp_path):
     with pytest.raises(InputError, match="folder .* does not exist"):
         ft.finetune(zoo_dir, data, tmp_path / "no" / "r.json")
     for bad in (ft.Settings(image_size=16), ft.Settings(epochs=0), ft.Settings(schedule="step"),
-                ft.Settings(learning_rate=-1.0), ft.Settings(momentum=1.0),
+                ft.Settings(learning_rates=(-1.0,)), ft.Settings(seeds=0),
+                ft.Settings(momentum=1.0),
                 ft.Settings(clip_norm=-1.0)):
         with pytest.raises(InputError, match="^--"):
             ft.finetune(zoo_dir, data, out, bad)
