@@ -55,10 +55,10 @@ def finetune(
         "--json", metavar="PATH|-", help="Also write the results ('-' for stdout).")] = None,
 ) -> None:
     """Fine-tune every zoo model on DATA/train and record its accuracy on DATA/valid."""
-    from ddscore_jax.cli.app import _Bars, _write_json, console
     from rich.table import Table
 
     from ddscore_jax import finetune as ft
+    from ddscore_jax.cli.app import _Bars, _write_json, console
 
     grid = tuple(learning_rate) if learning_rate else ft.Settings.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
@@ -110,10 +110,10 @@ def evaluate(
     per target (and the means over targets), writes --json and a figure per target of scores
     against accuracy (error bars: the seeds' spread).
     """
-    from ddscore_jax.cli.app import _write_json, console
     from rich.table import Table
 
     from ddscore_jax import evaluate as ev
+    from ddscore_jax.cli.app import _write_json, console
 
     groups = ev.group_files(files)
     summary = ev.evaluate_targets(groups, n_boot=bootstrap)

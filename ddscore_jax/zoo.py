@@ -1,4 +1,4 @@
-"""The model zoo on disk: one Orbax checkpoint per model plus ``zoo.json`` (docs/extraction.md).
+"""The model zoo on disk: one Orbax checkpoint per model plus ``zoo.json`` (docs/interface.md).
 
 ``zoo.json``: ``{"format": 2, "models": [{"name", "arch", "config", "source", "source_format",
 "sha256", "checkpoint"}]}`` with ``checkpoint`` relative to the zoo folder, ``arch`` the display
