@@ -198,8 +198,9 @@ def score(
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
-    ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
-                        metrics=_split(metric))
+    with _Bars() as bars:
+        ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
+                            metrics=_split(metric), progress=bars)
     _print_ranking(ranking, f"D-deepscore of {feats}")
     _write_json(ranking.to_json(), json_out)
 

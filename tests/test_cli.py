@@ -288,6 +288,21 @@ def test_several_metrics_one_column_each(workspace, tmp_path):
         assert m["metrics"]["logme"] == pytest.approx(expected, rel=1e-9)
         # Every checkpoint here has its torchvision head, so LEEP has a value in [-inf, 0].
         assert m["metrics"]["leep"] <= 0.0
+        # Per-block values of every feature metric, not only of the first.
+        blocks = m["metric_block_scores"]
+        assert set(blocks) == {"logme", "ddscore", "leep"} and blocks["leep"] == {}
+        assert blocks["logme"] == m["block_scores"]
+        for metric in ("logme", "ddscore"):
+            assert set(blocks[metric]) == {"layer3.0", "layer3.1"}
+            assert np.mean(list(blocks[metric].values())) == pytest.approx(
+                m["metrics"][metric], rel=1e-12)
+
+    scored = cli("score", feats, "--metric", "gbc,knn", "--json", "-")
+    assert scored.returncode == 0, scored.stderr
+    assert "compiling gbc, knn" in scored.stderr  # the progress shows the one compilation
+    for m in json.loads(scored.stdout)["models"]:
+        assert set(m["metric_block_scores"]) == {"gbc", "knn"}
+        assert m["metric_block_scores"]["gbc"] == m["block_scores"]
 
     no_head_metric = cli("score", feats, "--metric", "nce")
     assert no_head_metric.returncode == 2 and "use `ddscore-jax rank`" in error_line(no_head_metric)
