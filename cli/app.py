@@ -7,11 +7,15 @@ Exit codes (docs/interface.md): 0 success, 2 bad usage or bad input (one line, n
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import sys
+import threading
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,7 +31,7 @@ from rich.table import Table
 
 from ddscore_jax import __version__
 from ddscore_jax.cli import trust
-from ddscore_jax.errors import InputError
+from ddscore_jax.errors import InputError, InputWarning, environment_message
 
 app = typer.Typer(
     name="ddscore-jax",
@@ -278,9 +282,50 @@ def demo(
 trust.register(app)  # finetune, evaluate
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # The library's InputWarnings are for the user: one line, no source location.
+    if issubclass(category, InputWarning):
+        console.print(f"warning: {' '.join(str(message).split())}", markup=False,
+                      highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _fail(message: str) -> NoReturn:
+    # One line, no traceback: it is the user's file, option or machine, not our bug.
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    _exit(2)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit now, even past a library thread left waiting: after a failed save, Orbax's signalling
+    threads (not daemons) wait for a signal that never comes, and the interpreter would join them
+    for their whole timeout. Writers have removed their temporaries before the error got here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console entry point: the one place that turns exceptions into exit codes."""
+    """Console entry point: the one place that turns exceptions into exit codes.
+
+    2 with one line for the user's input (InputError) and for the user's environment: an OSError
+    whose errno says full disk, read-only or forbidden location, a file where a folder belongs
+    (or the reverse), or no memory; the line names the path and the remedy. Writers remove what
+    they had half-written before the error reaches here.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.showwarning = _show_warning
+    if not os.environ.get("DDSCORE_JAX_DEBUG"):
+        # Orbax logs a failed save's traceback from its own threads; the error reaches us too and
+        # is reported as one line.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         if os.environ.get("DDSCORE_JAX_DISTRIBUTED"):  # multi-host: join before any device use
             from ddscore_jax.extract import initialize_distributed
@@ -288,18 +333,27 @@ def main() -> None:
             initialize_distributed()
         app()
     except InputError as e:
-        # One line, no traceback: it is the user's file or option, not our bug.
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except MemoryError:
+        _fail(environment_message(OSError(errno.ENOMEM, "out of memory")) or "out of memory")
+    except OSError as e:
+        message = environment_message(e)
+        if message is None:
+            _internal(e)
+        _fail(message)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - last resort: say it is ours, show the trace on request
-        if os.environ.get("DDSCORE_JAX_DEBUG"):
-            raise
-        print(f"internal error: {type(e).__name__}: {e} "
-              "(set DDSCORE_JAX_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        _internal(e)
+
+
+def _internal(e: BaseException) -> NoReturn:
+    if os.environ.get("DDSCORE_JAX_DEBUG"):
+        raise e
+    print(f"internal error: {type(e).__name__}: {e} "
+          "(set DDSCORE_JAX_DEBUG=1 for the traceback)", file=sys.stderr)
+    _exit(1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddscore_jax.converters._common import ImportedModel
+from ddscore_jax.converters._safety import check_parameters
 from ddscore_jax.converters.files import (
     HUB_WEIGHTS,
     ONNX_SUFFIXES,
@@ -53,7 +54,7 @@ def load_source(path: Path) -> Loaded:
     if checkpoint_suffix(weights) in ONNX_SUFFIXES:
         from ddscore_jax.converters.onnx import load_onnx
 
-        return Loaded(load_onnx(weights), "onnx")
+        return _checked(Loaded(load_onnx(weights), "onnx"), path)
     from ddscore_jax.converters.state_dict import import_state_dict
 
     read = read_tensors(weights)
@@ -61,7 +62,13 @@ def load_source(path: Path) -> Loaded:
     hf_config = read_config(weights) if weights.name in HUB_WEIGHTS else None
     model, layout = import_state_dict(read.tensors, str(weights), hf_config)
     transformers = layout == "transformers" or (hf_config or {}).get("model_type") == "timm_wrapper"
-    return Loaded(model, "hf-transformers" if transformers else read.container)
+    return _checked(Loaded(model, "hf-transformers" if transformers else read.container), path)
+
+
+def _checked(loaded: Loaded, path: Path) -> Loaded:
+    # Every format ends here: a NaN, an infinity or a negative variance is refused by name.
+    check_parameters(loaded.model.state_dict, str(path))
+    return loaded
 
 
 def load_checkpoint(path: Path) -> ImportedModel:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ddscore_jax.converters._common import first_line
+from ddscore_jax.converters._safety import check_zip_sizes
 from ddscore_jax.errors import InputError
 
 # How deep nested checkpoint dicts are searched for tensors (``{"state_dict": {...}}`` is 2).
@@ -40,6 +41,7 @@ def read_torch(path: Path) -> tuple[dict[str, Any], str]:
         raise InputError(f"{path}: importing PyTorch checkpoints needs torch: "
                          "pip install 'ddscore-jax[torch]'") from None
     _refuse_code_archives(path)
+    check_zip_sizes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:

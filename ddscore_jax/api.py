@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ddscore_jax import cache, data, zoo
-from ddscore_jax.errors import InputError
+from ddscore_jax.errors import InputError, InputWarning, readable
 from ddscore_jax.extract import (
     LoadedModel,
     Progress,
@@ -21,7 +22,7 @@ from ddscore_jax.extract import (
 from ddscore_jax.metrics import METRICS, score_all
 from ddscore_jax.metrics import Progress as ScoreProgress
 from ddscore_jax.model import SCORE_BLOCKS
-from ddscore_jax.score import RCOND, ModelScore, precision_for
+from ddscore_jax.score import RCOND, ModelScore, precision_for, train_indices
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Ranking:
     dataset: dict
     settings: dict
     cached: list[str] = field(default_factory=list)  # models whose features came from the cache
+    refused: list[str] = field(default_factory=list)  # models not ranked: non-finite features
 
     def to_json(self) -> dict:
         return {
@@ -45,6 +47,7 @@ class Ranking:
             ],
             "dataset": self.dataset,
             "settings": self.settings,
+            "refused": self.refused,
         }
 
 
@@ -73,11 +76,57 @@ def _settings(train_fraction: float, seed: int, image_size: int | None, precisio
     return settings
 
 
-def _check_options(train_fraction: float, image_size: int) -> None:
+MAX_IMAGE_SIZE = 4096  # a 32-image batch is then 6 GiB of float32 pixels already
+
+
+def _check_options(train_fraction: float, image_size: int, seed: int = 0) -> None:
+    """Every option checked before any work, so a typo never costs an extraction."""
     if not 0.0 < train_fraction <= 1.0:
         raise InputError(f"--train-fraction must be in (0, 1], got {train_fraction}")
     if image_size < 32:
         raise InputError(f"--image-size must be at least 32 (5 stride-2 steps), got {image_size}")
+    if image_size > MAX_IMAGE_SIZE:
+        raise InputError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
+    if seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {seed}")
+
+
+def _check_subset(labels: np.ndarray, classes: Sequence[str], train_fraction: float, seed: int,
+                  where: str) -> None:
+    """InputError unless the seeded subset the score uses has at least 2 classes, saying how many
+    images of which classes it holds (before any extraction)."""
+    idx = train_indices(len(labels), train_fraction, seed)
+    present = np.unique(np.asarray(labels)[idx])
+    if len(present) < 2:
+        names = ", ".join(str(classes[c]) for c in present)
+        raise InputError(
+            f"{where}: the scored subset (--train-fraction {train_fraction} of {len(labels)} "
+            f"images, --seed {seed}) has {len(idx)} image(s), all of class {names}; the score "
+            "needs at least 2 classes in it (raise --train-fraction or add images)")
+
+
+def _finite_only(features: dict[str, dict[str, np.ndarray]], where: str) -> list[str]:
+    """Drop (in place) the models whose features hold a NaN or an infinity, with a warning
+    naming each; returns their names. InputError when no model is left."""
+    bad = [name for name, f in features.items()
+           if not all(np.isfinite(np.asarray(v)).all() for v in f.values())]
+    for name in bad:
+        del features[name]
+        warnings.warn(InputWarning(f"{name}: its features are not finite (NaN or infinity: broken "
+                                   "weights?); not ranked"), stacklevel=3)
+    if bad and not features:
+        raise InputError(f"{where}: no model has finite features ({', '.join(bad)}); "
+                         "nothing to rank")
+    return bad
+
+
+def _warn_if_all_tie(ranked: list[ModelScore], n_images: int) -> None:
+    scores = np.array([m.score for m in ranked if not np.isnan(m.score)])
+    if len(scores) > 1 and np.ptp(scores) <= 1e-9 * max(1.0, float(np.max(np.abs(scores)))):
+        warnings.warn(InputWarning(
+            f"every model has the same score ({scores[0]:.6g}) on these {n_images} images: the "
+            "ranking carries no information (too few or identical images per class?)"),
+            stacklevel=3)
 
 
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
@@ -104,7 +153,7 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: in
     """D-deepscore (or ``metrics``) of every ``*.npz`` feature file in ``feats_dir`` (all from one
     data set). Metrics that need the source classifier (LEEP, NCE) need ``rank``. ``progress``
     hears when the metrics compile (once per feature shape, all metrics together) and run."""
-    _check_options(train_fraction, 224)
+    _check_options(train_fraction, 224, seed)
     metrics = check_metrics(metrics)
     for m in metrics:
         if METRICS[m].needs_head:
@@ -123,12 +172,17 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: in
         if not (np.array_equal(f.labels, first.labels) and np.array_equal(f.paths, first.paths)):
             raise InputError(f"{path}: features are of another data set than {files[0].name}")
     precision = precision or precision_for()
-    ranked = _score({f.name: f.features for f in loaded}, first.labels, train_fraction, seed,
-                    precision, str(feats_dir), metrics, progress=progress)
+    _check_subset(first.labels, [str(c) for c in first.classes], train_fraction, seed,
+                  str(feats_dir))
+    features = {f.name: f.features for f in loaded}
+    refused = _finite_only(features, str(feats_dir))
+    ranked = _score(features, first.labels, train_fraction, seed, precision, str(feats_dir),
+                    metrics, progress=progress)
+    _warn_if_all_tie(ranked, len(first.labels))
     dataset = {"root": str(feats_dir), "n_images": int(len(first.labels)),
                "classes": [str(c) for c in first.classes]}
     return Ranking(ranked, dataset, _settings(train_fraction, seed, None, precision,
-                                              metrics=metrics))
+                                              metrics=metrics), refused=refused)
 
 
 def check_metrics(metrics: Sequence[str]) -> list[str]:
@@ -167,10 +221,11 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          metrics: Sequence[str] = ("ddscore",), progress: Progress | None = None) -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them by
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
-    _check_options(train_fraction, image_size)
+    _check_options(train_fraction, image_size, seed)
     metrics = check_metrics(metrics)
     cache.enable_compilation_cache()  # the forward and the score compile once per machine
     dataset = data.scan(data_root)
+    _check_subset(dataset.labels, dataset.classes, train_fraction, seed, str(data_root))
     entries = zoo.read_nonempty(zoo_dir)
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
     fingerprint = cache.dataset_fingerprint(dataset)
@@ -226,12 +281,16 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
                 part.clear()
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
+    refused = _finite_only(ordered, str(data_root))
+    if head_probs:
+        head_probs = {n: p for n, p in head_probs.items() if n in ordered}
     ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root),
                     metrics, head_probs, progress)
-    info = {"root": str(Path(data_root).resolve()), "n_images": len(dataset),
+    _warn_if_all_tie(ranked, len(dataset))
+    info = {"root": readable(str(Path(data_root).resolve())), "n_images": len(dataset),
             "classes": list(dataset.classes)}
     return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision, dtype,
-                                           metrics), cached)
+                                           metrics), cached, refused)
 
 
 __all__: Sequence[str] = ["Ranking", "extract", "rank", "score", "load_zoo"]

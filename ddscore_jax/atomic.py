@@ -22,12 +22,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     when it fails it is removed. The file gets the permissions a plain ``open`` would give it
     (``mkstemp`` would leave it readable by its owner only)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        e.filename = str(path.parent)  # the folder refused the file (read-only, full, forbidden)
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename = str(path)  # name the file the user asked for, not our temporary
         raise

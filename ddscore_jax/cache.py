@@ -47,7 +47,9 @@ def dataset_fingerprint(dataset: data.Dataset) -> str:
     h.update(json.dumps(list(dataset.classes)).encode())
     for rel, label in zip(dataset.paths, dataset.labels.tolist(), strict=True):
         st = os.stat(dataset.root / rel)
-        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes.
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+            "utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddscore_jax.errors import InputError, InputWarning
+from ddscore_jax.errors import InputError, InputWarning, readable
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -38,12 +38,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def readable(name: str) -> str:
-    """``name`` fit to print or write as UTF-8: bytes that did not decode (held by Python as
-    surrogate escapes) become ``\\xNN``. Paths keep their raw form for opening files."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass
