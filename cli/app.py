@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -104,6 +105,20 @@ class _Bars:
 def _split(values: list[str]) -> list[str]:
     """``--metric a,b --metric c`` -> ``[a, b, c]``."""
     return [v for value in values for v in value.split(",")]
+
+
+def _check_json(dest: str | None) -> None:
+    """Fail before any work when ``--json`` cannot be written: a folder, a missing folder, or a
+    location that refuses files (the probe's OSError is reported in one line by ``main``)."""
+    if dest is None or dest == "-":
+        return
+    path = Path(dest)
+    if path.is_dir():
+        raise InputError(f"{path}: --json names a folder; give a file path")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: folder {path.parent} does not exist")
+    with tempfile.TemporaryFile(dir=path.parent):
+        pass
 
 
 def _write_json(doc: object, dest: str | None) -> None:
@@ -202,6 +217,7 @@ def score(
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
+    _check_json(json_out)
     with _Bars() as bars:
         ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
                             metrics=_split(metric), progress=bars)
@@ -229,6 +245,7 @@ def rank(
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
 
+    _check_json(json_out)
     with _Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
@@ -246,6 +263,7 @@ def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
     """The models in a zoo: name, architecture, source file, sha256."""
     from dataclasses import asdict
 
+    _check_json(json_out)
     from ddscore_jax import zoo
 
     entries = zoo.read(zoo_dir)
@@ -268,6 +286,7 @@ def demo(
     from ddscore_jax import api
     from ddscore_jax import demo as demo_lib
 
+    _check_json(json_out)
     with _Bars() as bars:
         zoo_dir, data_root = demo_lib.prepare_demo(cache_dir or demo_lib.default_cache_dir(),
                                                    progress=bars)

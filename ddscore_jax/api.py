@@ -91,6 +91,12 @@ def _check_options(train_fraction: float, image_size: int, seed: int = 0) -> Non
         raise InputError(f"--seed must be a non-negative integer, got {seed}")
 
 
+def _output_folder(folder: str | os.PathLike) -> None:
+    """Create an output folder before any work: a read-only, full or forbidden location, or a
+    file in the way, fails now (an OSError the CLI reports in one line), not after extraction."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+
+
 def _check_subset(labels: np.ndarray, classes: Sequence[str], train_fraction: float, seed: int,
                   where: str) -> None:
     """InputError unless the seeded subset the score uses has at least 2 classes, saying how many
@@ -134,6 +140,7 @@ def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str |
             workers: int | None = None, progress: Progress | None = None) -> list[Path]:
     """Write ``out/<model>.npz`` (docs/interface.md) for every zoo model; return the files."""
     _check_options(0.8, image_size)
+    _output_folder(out)
     dataset = data.scan(data_root)
     _, models = load_zoo(zoo_dir)
     cache.enable_compilation_cache()
@@ -228,6 +235,8 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     _check_subset(dataset.labels, dataset.classes, train_fraction, seed, str(data_root))
     entries = zoo.read_nonempty(zoo_dir)
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
+    if use_cache:
+        _output_folder(cache_dir)
     fingerprint = cache.dataset_fingerprint(dataset)
     n = len(dataset)
     # LEEP/NCE read the source classifier: only models whose checkpoint has one (fc) get it.

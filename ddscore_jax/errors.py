@@ -31,6 +31,7 @@ _ENVIRONMENT = {
     errno.ENOTDIR: ("a file is in the way where a folder is needed",
                     "give a folder path, or move the file"),
     errno.EISDIR: ("is a folder, a file is needed", "give a file path"),
+    errno.EEXIST: ("exists and is not a folder", "give a folder path, or move the file"),
     errno.ENOMEM: ("out of memory", "use a smaller --batch-size or --image-size"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer --workers"),
 }
@@ -49,13 +50,15 @@ def environment_message(e: OSError) -> str | None:
     path = os.fsdecode(path)
     if e.errno in _LOCATION_ERRORS:
         # A temporary we (or Orbax) were about to create means nothing to the user: name the
-        # nearest folder that exists, the one that is full, read-only or forbidden.
+        # nearest path that exists, the folder that is full, read-only or forbidden, or the
+        # file in the way of a folder.
         while path and not os.path.lexists(path) and os.path.dirname(path) != path:
             path = os.path.dirname(path)
     return f"{readable(path)}: {what} ({remedy})"
 
 
-_LOCATION_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_LOCATION_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                    errno.ENOTDIR}
 
 
 def readable(name: str) -> str:
