@@ -1,0 +1,382 @@
+"""Hostile inputs and a hostile environment (issue 12): one line and exit 2, no hang, no silently
+wrong ranking. Process-level behaviour (blocking, exit, memory, disks) runs the real CLI or a real
+child process; the rest runs in-process."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ddscore_jax.converters import load_checkpoint
+from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
+
+from ddscore_jax import api, data
+from ddscore_jax.cache import dataset_fingerprint
+from ddscore_jax.errors import InputError, InputWarning, environment_message
+from ddscore_jax.extract import save_features
+
+# ---------------------------------------------------------------------------------------------
+# Reading data
+
+
+def test_fifo_named_like_an_image_is_skipped_not_opened(tmp_path):
+    root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
+    os.mkfifo(root / "ok" / "x.png")  # opening it would block for ever: nobody writes
+    with pytest.warns(InputWarning, match="not regular files"):
+        ds = data.scan(root)
+    assert len(ds) == 6 and "ok/x.png" not in ds.paths
+
+
+def test_symlink_loops_and_links_to_the_root_count_each_image_once(tmp_path):
+    root = write_image_folder(tmp_path / "d", per_class=3, size=(32, 32))
+    os.symlink(".", root / "ok" / "loop")
+    os.symlink("..", root / "crack" / "root")  # would pull other classes in under 'crack'
+    os.symlink("../ok/img_000.png", root / "scratch" / "dup.png")  # same file, second label
+    with pytest.warns(InputWarning, match="counted once"):
+        ds = data.scan(root)
+    assert len(ds) == 9
+    assert sorted(ds.paths) == sorted(f"{c}/img_{j:03d}.png" for c in ("crack", "ok", "scratch")
+                                      for j in range(3))
+    assert np.bincount(ds.labels).tolist() == [3, 3, 3]
+
+
+def test_dangling_symlink_is_one_line(tmp_path):
+    root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
+    os.symlink("gone.png", root / "ok" / "dangling.png")
+    with pytest.raises(InputError, match=r"dangling\.png: broken symbolic link"):
+        data.scan(root)
+
+
+def test_undecodable_names_read_and_reported_readably(tmp_path):
+    root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
+    bad_file = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(root / "ok" / "img_000.png", root / "ok" / bad_file)
+    os.rename(root / "scratch", root / os.fsdecode(b"scr\xffatch"))
+    ds = data.scan(root)
+    assert "scr\\xffatch" in ds.classes  # readable, and encodable as UTF-8
+    json.dumps(list(ds.classes)).encode("utf-8")
+    pixels = data.load_batch(ds, range(len(ds)), 32)  # the raw names still open the files
+    assert np.isfinite(pixels).all()
+    dataset_fingerprint(ds)  # hashed as raw bytes, no UnicodeEncodeError
+    feats = {"layer3.0": np.ones((len(ds), 4)), "layer3.1": np.ones((len(ds), 4))}
+    save_features(tmp_path / "f" / "m.npz", feats, ds)
+    with np.load(tmp_path / "f" / "m.npz") as z:
+        assert len(z["paths"]) == len(ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and features
+
+
+@pytest.fixture(scope="module")
+def state_dict():
+    return torch_resnet("resnet18", 0).state_dict()
+
+
+@pytest.mark.parametrize(("key", "value", "expect"), [
+    ("layer2.0.conv1.weight", float("nan"), r"tensor layer2\.0\.conv1\S* has 1 NaN"),
+    ("fc.weight", float("inf"), r"tensor fc\S* has 1 infinite"),
+])
+def test_non_finite_parameters_refused_by_name(tmp_path, state_dict, key, value, expect):
+    import torch
+
+    sd = dict(state_dict)
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = value
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(InputError, match=expect):
+        load_checkpoint(tmp_path / "m.pth")
+
+
+def test_negative_running_var_refused(tmp_path, state_dict):
+    import torch
+
+    sd = dict(state_dict)
+    sd["layer1.1.bn2.running_var"] = sd["layer1.1.bn2.running_var"].clone()
+    sd["layer1.1.bn2.running_var"][3] = -0.5
+    torch.save(sd, tmp_path / "m.pth")
+    # Named as the BatchNorm variance where the converter keeps the checkpoint's own BatchNorm
+    # tensors; where it folds them first, as the NaN the negative variance makes of its conv.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(InputError, match=r"layer1\.1\.(bn2\.running_var|conv2)"):
+            load_checkpoint(tmp_path / "m.pth")
+
+
+def test_converter_messages_name_wrong_dtype_and_unexpected_tensor(tmp_path, state_dict):
+    import torch
+
+    sd = dict(state_dict)
+    sd["layer1.0.conv1.weight"] = (sd["layer1.0.conv1.weight"] * 100).to(torch.int64)
+    torch.save(sd, tmp_path / "int.pth")
+    with pytest.raises(InputError, match=r"layer1\.0\.conv1\.weight has dtype int64"):
+        load_checkpoint(tmp_path / "int.pth")
+    sd = dict(state_dict)
+    sd["layer1.0.proj_conv.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(sd, tmp_path / "extra.pth")
+    with pytest.raises(InputError, match=r"unexpected tensor layer1\.0\.proj_conv\.weight"):
+        load_checkpoint(tmp_path / "extra.pth")
+
+
+def _feature_folder(folder: Path, models: dict[str, np.ndarray], labels, tmp_path) -> Path:
+    root = write_image_folder(tmp_path / "imgs", per_class=1, size=(8, 8))
+    ds = data.Dataset(root, tuple(f"x{i}.png" for i in range(len(labels))),
+                      np.asarray(labels, np.int64), ("a", "b", "c"))
+    for name, f in models.items():
+        save_features(folder / f"{name}.npz", {"layer3.0": f, "layer3.1": f}, ds)
+    return folder
+
+
+def test_model_with_non_finite_features_is_named_and_others_rank(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    good, bad = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    bad[4, 2] = np.nan
+    feats = _feature_folder(tmp_path / "f", {"good": good, "broken": bad}, labels, tmp_path)
+    with pytest.warns(InputWarning, match="broken: its features are not finite"):
+        ranking = api.score(feats)
+    assert [m.name for m in ranking.models] == ["good"]
+    assert ranking.to_json()["refused"] == ["broken"]
+    os.remove(feats / "good.npz")
+    with pytest.warns(InputWarning), pytest.raises(InputError, match="no model has finite"):
+        api.score(feats)
+
+
+def test_all_models_tying_warns(tmp_path):
+    f = np.random.default_rng(1).normal(size=(30, 8))
+    feats = _feature_folder(tmp_path / "f", {"a": f, "b": f.copy()}, np.arange(30) % 3, tmp_path)
+    with pytest.warns(InputWarning, match="carries no information"):
+        api.score(feats)
+
+
+def test_subset_seed_and_image_size_validated_up_front(tmp_path):
+    f = np.random.default_rng(1).normal(size=(2, 8))
+    feats = _feature_folder(tmp_path / "f", {"a": f}, [0, 1], tmp_path)
+    with pytest.raises(InputError, match=r"has 1 image\(s\), all of class"):
+        api.score(feats)
+    with pytest.raises(InputError, match="--seed must be a non-negative"):
+        api.score(feats, seed=-1)
+    with pytest.raises(InputError, match="--image-size must be at most"):
+        api.rank(tmp_path / "nozoo", tmp_path / "nodata", image_size=100000)
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENOTDIR,
+                                  errno.EISDIR, errno.ENOMEM])
+def test_environment_errors_are_one_line_with_path_and_remedy(tmp_path, code):
+    message = environment_message(OSError(code, os.strerror(code), str(tmp_path / "x" / "y.tmp")))
+    assert message.startswith(str(tmp_path)) and "(" in message and "\n" not in message
+    assert environment_message(OSError(errno.EIO, "io")) is None  # not ours to explain: a bug
+
+
+def _tmpfs(path: Path, size: str, *options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    opts = ",".join((f"size={size}", *options))
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def mounts():
+    done: list[Path] = []
+    yield done
+    for p in done:
+        subprocess.run(["umount", "-l", str(p)], capture_output=True)
+
+
+def _fill(path: Path) -> None:
+    with open(path / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+        except OSError:
+            pass
+
+
+def _cli_limited(*args, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """The CLI with its file-size limit (RLIMIT_FSIZE) at ``fsize`` bytes: writes past it fail
+    with EFBIG, as on a full disk (Python ignores SIGXFSZ)."""
+    def limit():
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return subprocess.run([shutil.which("ddscore-jax"), *map(str, args)], capture_output=True,
+                          text=True, timeout=600, preexec_fn=limit)
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("feats")
+    f = np.random.default_rng(2).normal(size=(30, 8))
+    g = np.random.default_rng(3).normal(size=(30, 8))
+    return _feature_folder(tmp / "f", {"a": f, "b": g}, np.arange(30) % 3, tmp)
+
+
+def test_full_disk_under_json_is_one_line_and_leaves_nothing(tmp_path, mounts, feats):
+    # Results big enough not to fit in the last free page: several metrics.
+    args = ("score", feats, "--metric", "ddscore,hscore,knn,gbc", "--json")
+    full = tmp_path / "full"
+    if _tmpfs(full, "1m"):  # a real full disk where we may mount one (root)
+        mounts.append(full)
+        _fill(full)
+        r = _cli_limited(*args, full / "r.json")
+        assert "no space left" in error_line(r)
+    else:  # otherwise a file-size limit below the results' size
+        full.mkdir()
+        r = _cli_limited(*args, full / "r.json", fsize=64)
+        assert "file too large" in error_line(r)
+    assert r.returncode == 2, r.stderr
+    assert error_line(r).startswith(f"error: {full}"), r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in full.iterdir()) in ([], ["filler"])  # nothing half-written
+
+
+def test_read_only_and_misplaced_outputs(tmp_path, mounts, feats):
+    ro = tmp_path / "ro"
+    assert _tmpfs(ro, "1m", "ro"), "mounting a read-only tmpfs failed"
+    mounts.append(ro)
+    r = cli("score", feats, "--json", ro / "r.json")
+    assert r.returncode == 2 and error_line(r) == (
+        f"error: {ro}: read-only file system (choose a writable location)")
+    r = cli("score", feats, "--json", tmp_path)
+    assert r.returncode == 2 and "names a folder" in error_line(r)
+
+
+def test_cache_or_out_that_is_a_file(zoo, tmp_path):
+    (tmp_path / "file").write_text("x")
+    data_root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
+    r = cli("rank", zoo / "zoo", data_root, "--image-size", "32",
+            env={"DDSCORE_JAX_CACHE": str(tmp_path / "file")})
+    assert r.returncode == 2 and error_line(r) == (
+        f"error: {tmp_path / 'file'}: a file is in the way where a folder is needed (give a "
+        "folder path, or move the file)"), r.stderr
+    r = cli("extract", zoo / "zoo", data_root, "--image-size", "32", "--out", tmp_path / "file")
+    assert r.returncode == 2 and "exists and is not a folder" in error_line(r), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    save_pth(torch_resnet("resnet18", 5), root / "m.pth")
+    r = cli("convert", root / "m.pth", "--zoo", root / "zoo")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_convert_into_read_only_zoo_exits_promptly(zoo, tmp_path, mounts):
+    ro = tmp_path / "rozoo"
+    assert _tmpfs(ro, "64m")
+    mounts.append(ro)
+    shutil.copytree(zoo / "zoo", ro, dirs_exist_ok=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    # Orbax's signalling threads used to hold the exit for minutes after the error.
+    r = subprocess.run([shutil.which("ddscore-jax"), "convert", str(zoo / "m.pth"), "--name",
+                        "other", "--zoo", str(ro)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert error_line(r) == f"error: {ro}/checkpoints: read-only file system (choose a writable " \
+                            "location)"
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_edited_zoo_arch_is_one_line(zoo, tmp_path):
+    edited = tmp_path / "zoo"
+    shutil.copytree(zoo / "zoo", edited)
+    doc = json.loads((edited / "zoo.json").read_text())
+    doc["models"][0]["arch"] = "resnet34"
+    (edited / "zoo.json").write_text(json.dumps(doc))
+    data_root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
+    r = cli("rank", edited, data_root, "--image-size", "32", "--no-cache")
+    assert r.returncode == 2 and "its checkpoint is not a resnet34" in error_line(r), r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Zip bomb: refused from the zip directory, before anything inflates
+
+
+def test_zip_bomb_refused_before_inflating(tmp_path):
+    save_pth(torch_resnet("resnet18", 0), tmp_path / "m.pth")
+    declared = 512 << 20  # in a file of ~45 MiB, most of it the honest records
+    with zipfile.ZipFile(tmp_path / "m.pth") as src, \
+            zipfile.ZipFile(tmp_path / "bomb.pth", "w") as out:
+        for info in src.infolist():
+            if not info.filename.endswith("/data/0"):
+                out.writestr(info, src.read(info.filename))
+                continue
+            zi = zipfile.ZipInfo(info.filename)
+            zi.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(zi, "w", force_zip64=True) as f:
+                chunk = bytes(32 << 20)
+                for _ in range(declared // len(chunk)):
+                    f.write(chunk)
+    # A fresh parent measures its one child's peak memory (RUSAGE_CHILDREN is per parent).
+    load = ("import sys; from pathlib import Path\n"
+            "from ddscore_jax.converters import load_checkpoint\n"
+            "from ddscore_jax.errors import InputError\n"
+            "try: load_checkpoint(Path(sys.argv[1]))\n"
+            "except InputError as e: print(e)\n")
+    measure = ("import resource, subprocess, sys\n"
+               "r = subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]])\n"
+               "print('peak_mib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10)\n")
+    r = subprocess.run([sys.executable, "-c", measure, load, str(tmp_path / "bomb.pth")],
+                       capture_output=True, text=True, timeout=300)
+    assert "zip bomb" in r.stdout, r.stdout + r.stderr
+    peak = int(r.stdout.split("peak_mib")[-1])
+    # Inflating the record would add its 512 MiB to the ~0.3 GiB of the interpreter and torch.
+    assert peak < 480, peak
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric hang: every metric, n > d and n < d, fresh processes
+
+
+_METRICS_CHILD = """
+import numpy as np
+from ddscore_jax import metrics
+rng = np.random.default_rng({seed})
+for n, d in ((60, 12), (12, 40)):
+    labels = np.arange(n) % 3
+    x = rng.normal(size=(2, 2, n, d))
+    for name, m in metrics.METRICS.items():
+        if m.needs_head:
+            p = rng.random((2, n, 10)); p /= p.sum(-1, keepdims=True)
+            out = m.fn(p, labels)
+        else:
+            out = m.fn(x, labels)
+        assert np.isfinite(out).all(), (name, n, d)
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_every_metric_finishes_in_20_fresh_processes():
+    done, hung = 0, []
+    for pair in range(10):  # two at a time: the machine has 2 cores
+        procs = [(seed, subprocess.Popen([sys.executable, "-c", _METRICS_CHILD.format(seed=seed)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True))
+                 for seed in (2 * pair, 2 * pair + 1)]
+        for seed, p in procs:
+            try:
+                out, err = p.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                hung.append(seed)
+                continue
+            assert p.returncode == 0 and "done" in out, err
+            done += 1
+    assert not hung, f"processes {hung} hung (of 20)"
+    assert done == 20
