@@ -14,7 +14,6 @@ import os
 import sys
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -33,6 +32,7 @@ from rich.table import Table
 from ddscore_jax import __version__
 from ddscore_jax.cli import trust
 from ddscore_jax.errors import InputError, InputWarning, environment_message
+from ddscore_jax.errors import InputError, environment_message, os_error_in_text
 
 app = typer.Typer(
     name="ddscore-jax",
@@ -301,18 +301,6 @@ def demo(
 trust.register(app)  # finetune, evaluate
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    # The library's InputWarnings are for the user: one line, no source location.
-    if issubclass(category, InputWarning):
-        console.print(f"warning: {' '.join(str(message).split())}", markup=False,
-                      highlight=False, soft_wrap=True)
-    else:
-        _default_showwarning(message, category, filename, lineno, file, line)
-
-
-_default_showwarning = warnings.showwarning
-
-
 def _fail(message: str) -> NoReturn:
     # One line, no traceback: it is the user's file, option or machine, not our bug.
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -340,7 +328,6 @@ def main() -> None:
     they had half-written before the error reaches here.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    warnings.showwarning = _show_warning
     if not os.environ.get("DDSCORE_JAX_DEBUG"):
         # Orbax logs a failed save's traceback from its own threads; the error reaches us too and
         # is reported as one line.
@@ -360,6 +347,11 @@ def main() -> None:
         if message is None:
             _internal(e)
         _fail(message)
+    except ValueError as e:  # an OSError that a library (tensorstore) passed on as text
+        found = os_error_in_text(e)
+        if found is None:
+            _internal(e)
+        _fail(environment_message(found))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ddscore_jax import cache, data, zoo
-from ddscore_jax.errors import InputError, InputWarning, readable
+from ddscore_jax.errors import InputError, readable
 from ddscore_jax.extract import (
     LoadedModel,
     Progress,
@@ -23,6 +23,8 @@ from ddscore_jax.metrics import METRICS, score_all
 from ddscore_jax.metrics import Progress as ScoreProgress
 from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.score import RCOND, ModelScore, precision_for, train_indices
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,8 +120,8 @@ def _finite_only(features: dict[str, dict[str, np.ndarray]], where: str) -> list
            if not all(np.isfinite(np.asarray(v)).all() for v in f.values())]
     for name in bad:
         del features[name]
-        warnings.warn(InputWarning(f"{name}: its features are not finite (NaN or infinity: broken "
-                                   "weights?); not ranked"), stacklevel=3)
+        log.warning("%s: its features are not finite (NaN or infinity: broken weights?); "
+                    "not ranked", name)
     if bad and not features:
         raise InputError(f"{where}: no model has finite features ({', '.join(bad)}); "
                          "nothing to rank")
@@ -129,10 +131,9 @@ def _finite_only(features: dict[str, dict[str, np.ndarray]], where: str) -> list
 def _warn_if_all_tie(ranked: list[ModelScore], n_images: int) -> None:
     scores = np.array([m.score for m in ranked if not np.isnan(m.score)])
     if len(scores) > 1 and np.ptp(scores) <= 1e-9 * max(1.0, float(np.max(np.abs(scores)))):
-        warnings.warn(InputWarning(
-            f"every model has the same score ({scores[0]:.6g}) on these {n_images} images: the "
-            "ranking carries no information (too few or identical images per class?)"),
-            stacklevel=3)
+        log.warning("every model has the same score (%.6g) on these %d images: the ranking "
+                    "carries no information (too few or identical images per class?)",
+                    scores[0], n_images)
 
 
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,

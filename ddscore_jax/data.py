@@ -10,16 +10,18 @@ float32 with the same operations in the same order as ``torchvision.transforms``
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddscore_jax.errors import InputError, InputWarning, readable
+from ddscore_jax.errors import InputError, readable
+
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -67,19 +69,16 @@ class _Walk:
     def warn(self, root: Path) -> None:
         if self.repeated_dirs:
             first = readable(os.path.relpath(self.repeated_dirs[0], root))
-            warnings.warn(InputWarning(
-                f"{root}: {len(self.repeated_dirs)} symlinked folder(s) lead to a folder already "
-                f"read (a loop or a second link, e.g. {first}); each image is counted once"),
-                stacklevel=3)
+            log.warning("%s: %d symlinked folder(s) lead to a folder already read (a loop or a "
+                        "second link, e.g. %s); each image is counted once", root,
+                        len(self.repeated_dirs), first)
         if self.repeated_files:
-            warnings.warn(InputWarning(
-                f"{root}: {self.repeated_files} image link(s) point to an image already counted; "
-                "each image is counted once"), stacklevel=3)
+            log.warning("%s: %d image link(s) point to an image already counted; each image is "
+                        "counted once", root, self.repeated_files)
         if self.not_regular:
             first = readable(os.path.relpath(self.not_regular[0], root))
-            warnings.warn(InputWarning(
-                f"{root}: skipped {len(self.not_regular)} image name(s) that are not regular files "
-                f"(e.g. {first}: a pipe, socket or device)"), stacklevel=3)
+            log.warning("%s: skipped %d image name(s) that are not regular files (e.g. %s: a "
+                        "pipe, socket or device)", root, len(self.not_regular), first)
 
 
 def _walk_error(e: OSError) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class InputError(Exception):
@@ -11,11 +12,6 @@ class InputError(Exception):
 
     Messages name the file first and then the problem, e.g. ``"model.pth: truncated checkpoint"``.
     """
-
-
-class InputWarning(UserWarning):
-    """Something in the input the run worked around (and says so): the CLI prints it as one line,
-    ``warning: <message>``, and carries on."""
 
 
 # errno -> what it means for the user and what to do about it.
@@ -52,6 +48,10 @@ def environment_message(e: OSError) -> str | None:
         # A temporary we (or Orbax) were about to create means nothing to the user: name the
         # nearest path that exists, the folder that is full, read-only or forbidden, or the
         # file in the way of a folder.
+        parts = path.split(os.sep)
+        temporary = [i for i, part in enumerate(parts) if part.startswith(".") and "tmp" in part]
+        if temporary:
+            path = os.sep.join(parts[: temporary[0]]) or os.sep
         while path and not os.path.lexists(path) and os.path.dirname(path) != path:
             path = os.path.dirname(path)
     return f"{readable(path)}: {what} ({remedy})"
@@ -65,3 +65,18 @@ def readable(name: str) -> str:
     """``name`` fit to print or write as UTF-8: bytes that did not decode (held by Python as
     surrogate escapes) become ``\\xNN``. Paths keep their raw form for opening files."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_QUOTED_PATH = re.compile(r'local file "([^"]+)"|"(/[^"]+)"')
+
+
+def os_error_in_text(e: Exception) -> OSError | None:
+    """The OSError behind a library error that carries it only as text: tensorstore, Orbax's
+    writer, raises ``ValueError('RESOURCE_EXHAUSTED: ... local file "PATH" ... No space left on
+    device')``. None when the text names no error of ours to explain."""
+    text = str(e)
+    for code in _ENVIRONMENT:
+        if os.strerror(code) in text:
+            m = _QUOTED_PATH.search(text)
+            return OSError(code, os.strerror(code), (m.group(1) or m.group(2)) if m else None)
+    return None

@@ -4,9 +4,12 @@ child process; the rest runs in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -22,27 +25,37 @@ from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
 
 from ddscore_jax import api, data
 from ddscore_jax.cache import dataset_fingerprint
-from ddscore_jax.errors import InputError, InputWarning, environment_message
+from ddscore_jax.errors import InputError, environment_message
 from ddscore_jax.extract import save_features
+
+
+@contextlib.contextmanager
+def _warns(caplog, pattern: str):
+    """The block logs a warning matching ``pattern`` (the CLI prints it as one stderr line)."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddscore_jax"):
+        yield
+    assert any(re.search(pattern, r.getMessage()) for r in caplog.records), caplog.text
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading data
 
 
-def test_fifo_named_like_an_image_is_skipped_not_opened(tmp_path):
+def test_fifo_named_like_an_image_is_skipped_not_opened(tmp_path, caplog):
     root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
     os.mkfifo(root / "ok" / "x.png")  # opening it would block for ever: nobody writes
-    with pytest.warns(InputWarning, match="not regular files"):
+    with _warns(caplog, "not regular files"):
         ds = data.scan(root)
     assert len(ds) == 6 and "ok/x.png" not in ds.paths
 
 
-def test_symlink_loops_and_links_to_the_root_count_each_image_once(tmp_path):
+def test_symlink_loops_and_links_to_the_root_count_each_image_once(tmp_path, caplog):
     root = write_image_folder(tmp_path / "d", per_class=3, size=(32, 32))
     os.symlink(".", root / "ok" / "loop")
     os.symlink("..", root / "crack" / "root")  # would pull other classes in under 'crack'
     os.symlink("../ok/img_000.png", root / "scratch" / "dup.png")  # same file, second label
-    with pytest.warns(InputWarning, match="counted once"):
+    with _warns(caplog, "counted once"):
         ds = data.scan(root)
     assert len(ds) == 9
     assert sorted(ds.paths) == sorted(f"{c}/img_{j:03d}.png" for c in ("crack", "ok", "scratch")
@@ -137,25 +150,25 @@ def _feature_folder(folder: Path, models: dict[str, np.ndarray], labels, tmp_pat
     return folder
 
 
-def test_model_with_non_finite_features_is_named_and_others_rank(tmp_path):
+def test_model_with_non_finite_features_is_named_and_others_rank(tmp_path, caplog):
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
     good, bad = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
     bad[4, 2] = np.nan
     feats = _feature_folder(tmp_path / "f", {"good": good, "broken": bad}, labels, tmp_path)
-    with pytest.warns(InputWarning, match="broken: its features are not finite"):
+    with _warns(caplog, "broken: its features are not finite"):
         ranking = api.score(feats)
     assert [m.name for m in ranking.models] == ["good"]
     assert ranking.to_json()["refused"] == ["broken"]
     os.remove(feats / "good.npz")
-    with pytest.warns(InputWarning), pytest.raises(InputError, match="no model has finite"):
+    with pytest.raises(InputError, match="no model has finite"):
         api.score(feats)
 
 
-def test_all_models_tying_warns(tmp_path):
+def test_all_models_tying_warns(tmp_path, caplog):
     f = np.random.default_rng(1).normal(size=(30, 8))
     feats = _feature_folder(tmp_path / "f", {"a": f, "b": f.copy()}, np.arange(30) % 3, tmp_path)
-    with pytest.warns(InputWarning, match="carries no information"):
+    with _warns(caplog, "carries no information"):
         api.score(feats)
 
 
