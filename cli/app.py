@@ -31,7 +31,6 @@ from rich.table import Table
 
 from ddscore_jax import __version__
 from ddscore_jax.cli import trust
-from ddscore_jax.errors import InputError, InputWarning, environment_message
 from ddscore_jax.errors import InputError, environment_message, os_error_in_text
 
 app = typer.Typer(

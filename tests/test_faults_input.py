@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ddscore_jax.converters import load_checkpoint
 from helpers import error_line, save_pth, torch_resnet, write_image_folder
 
 from ddscore_jax import api, data
 from ddscore_jax.cache import dataset_fingerprint
+from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.errors import InputError, environment_message
 from ddscore_jax.extract import save_features
 
