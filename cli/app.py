@@ -328,9 +328,13 @@ def main() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not os.environ.get("DDSCORE_JAX_DEBUG"):
-        # Orbax logs a failed save's traceback from its own threads; the error reaches us too and
-        # is reported as one line.
+        # A failed Orbax save also surfaces in its own threads and callbacks: logged tracebacks,
+        # "Event loop is closed" printed by tensorstore through sys.excepthook. The error reaches
+        # us too and is reported as one line, so those stay quiet.
         logging.getLogger("absl").setLevel(logging.CRITICAL)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        sys.excepthook = lambda *exc: None
+        threading.excepthook = lambda args: None
     try:
         if os.environ.get("DDSCORE_JAX_DISTRIBUTED"):  # multi-host: join before any device use
             from ddscore_jax.extract import initialize_distributed
