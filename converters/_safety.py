@@ -66,3 +66,15 @@ def check_parameters(tensors: Mapping[str, np.ndarray], source: str) -> None:
         if name.endswith("running_var") and (value < 0).any():
             raise InputError(f"{source}: refused: BatchNorm variance {name} has "
                              f"{int((value < 0).sum())} negative value(s) (min {value.min():.3g})")
+
+
+def check_float_dtypes(tensors: Mapping[str, object], source: str) -> None:
+    """InputError naming the first parameter stored as an integer or boolean: damage, which a
+    cast to float32 would hide."""
+    for name, value in tensors.items():
+        floating = (value.is_floating_point() if hasattr(value, "is_floating_point")
+                    else np.issubdtype(np.asarray(value).dtype, np.floating))
+        if not floating:
+            dtype = str(getattr(value, "dtype", "?")).removeprefix("torch.")
+            raise InputError(f"{source}: tensor {name} has dtype {dtype}, expected a "
+                             "floating-point type")

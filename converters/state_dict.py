@@ -14,6 +14,7 @@ import numpy as np
 
 from ddscore_jax.converters import arch, layouts
 from ddscore_jax.converters._common import ImportedModel
+from ddscore_jax.converters._safety import check_float_dtypes
 
 
 def import_state_dict(tensors: Mapping[str, Any], source: str,
@@ -28,6 +29,7 @@ def import_state_dict(tensors: Mapping[str, Any], source: str,
         layouts.check_transformers_config(
             hf_config if hf_config and hf_config.get("model_type") == "resnet" else None, source)
     sd = layouts.canonical(tensors, found, source)
+    check_float_dtypes(sd, source)
     config = arch.detect_config(sd, source)
     return ImportedModel(config=config, state_dict={k: _float32(v) for k, v in sd.items()}), \
         found.layout
