@@ -107,17 +107,16 @@ def _split(values: list[str]) -> list[str]:
 
 
 def _check_json(dest: str | None) -> None:
-    """Fail before any work when ``--json`` cannot be written: a folder, a missing folder, or a
-    location that refuses files (the probe's OSError is reported in one line by ``main``)."""
+    """Fail before any work when ``--json`` cannot be written: a folder, or a location that
+    refuses files (the probe's OSError is reported in one line by ``main``)."""
     if dest is None or dest == "-":
         return
     path = Path(dest)
     if path.is_dir():
         raise InputError(f"{path}: --json names a folder; give a file path")
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: folder {path.parent} does not exist")
-    with tempfile.TemporaryFile(dir=path.parent):
-        pass
+    if path.parent.is_dir():  # a missing folder is reported when the results are written
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
 
 
 def _write_json(doc: object, dest: str | None) -> None:
