@@ -27,7 +27,7 @@ from helpers import (
 
 from ddscore_jax import model, zoo
 from ddscore_jax.converters import load_checkpoint
-from ddscore_jax.converters._common import infer_config
+from ddscore_jax.converters.arch import detect_config
 from ddscore_jax.extract import load_features
 from ddscore_jax.reference import published_score
 from ddscore_jax.score import train_indices
@@ -116,7 +116,7 @@ def test_training_mode_batchnorm_matches_torch():
 
     net = timm_resnet("resnet18d", seed=2)
     sd = {k: v.numpy().copy() for k, v in net.state_dict().items() if v.is_floating_point()}
-    config = infer_config(sd, "timm")
+    config = detect_config(sd, "timm")
     module = model.build(config, sd)
     x = images(4, 33, seed=3)
     ours = nnx.jit(lambda m, v: m.logits(v, train=True))(module, x)
