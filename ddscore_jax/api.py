@@ -12,7 +12,6 @@ import numpy as np
 from ddscore_jax import cache, data, zoo
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import (
-    SCORE_BLOCKS,
     LoadedModel,
     Progress,
     extract_features,
@@ -21,6 +20,7 @@ from ddscore_jax.extract import (
 )
 from ddscore_jax.metrics import METRICS
 from ddscore_jax.metrics import score_models as score_with
+from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.score import RCOND, ModelScore, precision_for
 
 
@@ -52,9 +52,11 @@ def _finite(x: float) -> float | None:
 
 
 def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[LoadedModel]]:
-    """Every model of a zoo with its parameters. InputError for a missing or empty zoo."""
+    """Every model of a zoo with its parameters, set to give its conv4_x features. InputError
+    for a missing or empty zoo."""
     entries = zoo.read_nonempty(zoo_dir)
-    return entries, [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e in entries]
+    return entries, [LoadedModel(e.name, e.config, zoo.load_state_dict(zoo_dir, e))
+                     for e in entries]
 
 
 def _settings(train_fraction: float, seed: int, image_size: int | None, precision: str,
@@ -134,6 +136,18 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
     return names or ["ddscore"]
 
 
+def _by_width(inputs: dict, head: bool) -> list[dict]:
+    """``inputs`` split into groups of models whose features have the same width (head metrics
+    take any mix of widths in one call)."""
+    if head:
+        return [inputs] if inputs else []
+    groups: dict[tuple, dict] = {}
+    for name, feats in inputs.items():
+        key = tuple(sorted((b, np.shape(v)[-1]) for b, v in feats.items()))
+        groups.setdefault(key, {})[name] = feats
+    return list(groups.values())
+
+
 def _score(features, labels, train_fraction, seed, precision, where, metrics=("ddscore",),
            head_probs=None) -> list[ModelScore]:
     """Every model under every metric; ranked by the first metric (models it cannot score last)."""
@@ -144,9 +158,13 @@ def _score(features, labels, train_fraction, seed, precision, where, metrics=("d
             inputs = features
             if METRICS[metric].needs_head:
                 inputs = {n: p for n, p in (head_probs or {}).items() if p is not None}
-            ranked = score_with(inputs, labels, metric=metric, train_fraction=train_fraction,
-                                seed=seed, precision=precision)
-            results[metric] = {r.name: r for r in ranked}
+            results[metric] = {}
+            # A zoo may mix feature sizes (256-d BasicBlock, 1024-d Bottleneck nets): each model
+            # is scored on its own features, models of one size together (one stacked call).
+            for group in _by_width(inputs, METRICS[metric].needs_head):
+                ranked = score_with(group, labels, metric=metric, train_fraction=train_fraction,
+                                    seed=seed, precision=precision)
+                results[metric].update({r.name: r for r in ranked})
     except ValueError as e:
         raise InputError(f"{where}: {e}") from None
     primary = results[metrics[0]]
@@ -174,41 +192,58 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     entries = zoo.read_nonempty(zoo_dir)
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
     fingerprint = cache.dataset_fingerprint(dataset)
+    n = len(dataset)
+    # LEEP/NCE read the source classifier: only models whose checkpoint has one (fc) get it.
+    want_head = any(METRICS[m].needs_head for m in metrics)
     features: dict[str, dict[str, np.ndarray]] = {}
-    todo: list[tuple[zoo.ZooEntry, Path]] = []
+    head_probs: dict[str, np.ndarray | None] = {}
+    jobs: list[tuple[zoo.ZooEntry, Path, int, str | None]] = []  # (entry, cache path, blocks, head)
     cached = []
     for e in entries:
         path = cache.entry_path(cache_dir, e.sha256, fingerprint, image_size, dtype)
+        blocks, head = len(SCORE_BLOCKS), None
         if use_cache and path.is_file():
             try:
                 features[e.name] = load_features(path).features
+                blocks = 0
                 cached.append(e.name)
-                continue
             except InputError:
                 pass  # a damaged entry is recomputed and overwritten
-        todo.append((e, path))
-    if todo:
-        models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
-        # Finished batches are kept beside each entry, so an interrupted rank resumes.
-        partials = ([cache.PartialFeatures(cache.partial_path(path)) for _, path in todo]
-                    if use_cache else None)
+        if want_head and e.config.num_classes:
+            probs = (cache.load_probabilities(cache.probabilities_path(path), n)
+                     if use_cache else None)
+            if probs is None:
+                head = "probabilities"
+            head_probs[e.name] = probs
+        else:
+            head_probs[e.name] = None
+        if blocks or head:
+            jobs.append((e, path, blocks, head))
+    if jobs:
+        models = [LoadedModel(e.name, e.config, zoo.load_state_dict(zoo_dir, e), blocks, head)
+                  for e, _, blocks, head in jobs]
+        # Finished batches are kept beside each entry, so an interrupted rank resumes; a job for
+        # the probabilities alone keeps them beside the probabilities' entry.
+        partials = ([cache.PartialFeatures(cache.partial_path(
+                        path if blocks else cache.probabilities_path(path)))
+                     for _, path, blocks, _ in jobs] if use_cache else None)
         fresh = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
                                  dtype=dtype, workers=workers, partials=partials,
                                  progress=progress)
-        for (e, path), f in zip(todo, fresh, strict=True):
-            features[e.name] = f
-            if use_cache:
-                save_features(path, f, dataset)
-                cache.PartialFeatures(cache.partial_path(path)).clear()
+        for (e, path, blocks, head), out, part in zip(jobs, fresh, partials or [None] * len(jobs),
+                                                      strict=True):
+            if blocks:
+                features[e.name] = {b: out[b] for b in SCORE_BLOCKS}
+                if use_cache:
+                    save_features(path, features[e.name], dataset)
+            if head:
+                head_probs[e.name] = out[head]
+                if use_cache:
+                    cache.save_probabilities(cache.probabilities_path(path), out[head])
+            if part is not None:
+                part.clear()
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
-    head_probs = None
-    if any(METRICS[m].needs_head for m in metrics):
-        from ddscore_jax.source_head import source_probabilities
-
-        head_probs = source_probabilities(zoo_dir, entries, dataset, batch_size=batch_size,
-                                          image_size=image_size, workers=workers,
-                                          progress=progress)
     ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root),
                     metrics, head_probs)
     info = {"root": str(Path(data_root).resolve()), "n_images": len(dataset),

@@ -5,6 +5,10 @@ labels, classes, file sizes and modification times) and every setting that chang
 (image size, forward dtype), so a changed image or setting misses exactly the entries it affects.
 Entries are written atomically.
 
+Beside a model's feature entry ``<key>.npz`` sits ``<key>.probabilities.npz``: its source
+classifier's softmax on the same images (LEEP, NCE), same key, so a second ``rank --metric leep``
+decodes nothing.
+
 An extraction in progress keeps its finished batches beside the entry it will become
 (:class:`PartialFeatures`), so an interrupted one resumes where it stopped. Compiled XLA programs
 are cached too, under ``cache_root()/"jax"`` (:func:`enable_compilation_cache`).
@@ -56,6 +60,28 @@ def entry_path(cache_dir: Path, model_sha256: str, data_fingerprint: str, image_
         f"v{FEATURES_VERSION}|{model_sha256}|{data_fingerprint}|{setting}".encode()
     ).hexdigest()[:32]
     return cache_dir / f"{key}.npz"
+
+
+def probabilities_path(entry: Path) -> Path:
+    """Where the source classifier's probabilities for feature entry ``entry`` are kept."""
+    return entry.with_name(entry.stem + ".probabilities.npz")
+
+
+def save_probabilities(path: Path, probabilities: np.ndarray) -> None:
+    """Write ``{"probabilities": (n, Z) float32}`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, probabilities=np.asarray(probabilities, np.float32))
+
+
+def load_probabilities(path: Path, n: int) -> np.ndarray | None:
+    """The cached (n, Z) probabilities, or None when missing or damaged (then recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            p = z["probabilities"]
+    except Exception:  # noqa: BLE001 - any unreadable entry is simply recomputed
+        return None
+    return p if p.ndim == 2 and p.shape[0] == n else None
 
 
 def partial_path(entry: Path) -> Path:

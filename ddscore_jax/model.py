@@ -90,27 +90,31 @@ class ResNetConfig:
     @property
     def name(self) -> str:
         """A display name in torchvision/timm spelling (``resnet50``, ``resnext50_32x4d``,
-        ``wide_resnet50_2``, ``resnet18d``); ``_backbone`` when there is no layer4; a descriptive
-        name for depths no library names."""
+        ``wide_resnet50_2``, ``resnet18d``), also for a backbone-only source of that family (its
+        ``depths`` say it has no layer4); a descriptive name for depths no library names."""
         depths = self.depths if self.depths[3] else (*self.depths[:3], _LAYER4_OF.get(
             (self.block, self.depths[:3]), 0))
         depth = _NAMED_DEPTHS.get((self.block, depths))
         if depth is None:
-            base = f"resnet_{self.block}_{'-'.join(map(str, self.depths))}"
-        else:
-            d = "d" if self.deep_stem or self.avg_down else ""
-            if self.groups > 1:
-                # ResNeXt names give groups x per-group width: resnext50_32x4d has base_width 4.
-                base = f"resnext{depth}{d}_{self.groups}x{self.base_width}d"
-            elif self.base_width != 64:
-                base = f"wide_resnet{depth}{d}_{self.base_width // 64}"
-            else:
-                base = f"resnet{depth}{d}"
-        return base if self.depths[3] else base + "_backbone"
+            return f"resnet_{self.block}_{'-'.join(map(str, self.depths))}"
+        d = "d" if self.deep_stem or self.avg_down else ""
+        if self.groups > 1:
+            # ResNeXt names give groups x per-group width: resnext50_32x4d has base_width 4.
+            return f"resnext{depth}{d}_{self.groups}x{self.base_width}d"
+        if self.base_width != 64:
+            return f"wide_resnet{depth}{d}_{self.base_width // 64}"
+        return f"resnet{depth}{d}"
 
     def backbone(self) -> ResNetConfig:
         """This config cut after conv4_x: what the features need."""
         return dataclasses.replace(self, depths=(*self.depths[:3], 0), num_classes=0)
+
+    def with_classifier(self, num_classes: int) -> ResNetConfig:
+        """This config to ``num_classes`` logits; a backbone-only one gets the layer4 depth of
+        its named family (torchvision's), or 2 blocks when no library names its depths."""
+        layer4 = self.depths[3] or _LAYER4_OF.get((self.block, self.depths[:3]), 2)
+        return dataclasses.replace(self, depths=(*self.depths[:3], layer4),
+                                   num_classes=num_classes)
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "depths": list(self.depths)}
