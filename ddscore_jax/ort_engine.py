@@ -43,15 +43,39 @@ def available() -> bool:
     return True
 
 
-def default_engine(backend: str, dtype: str = "float32", processes: int = 1) -> str:
-    """``"onnxruntime"`` for a float32 forward on one CPU host when it is installed, else ``"jax"``.
+def default_engine(backend: str, dtype: str = "float32", devices: int = 1) -> str:
+    """``"onnxruntime"`` for a float32 forward on a single CPU device when it is installed, else
+    ``"jax"``.
 
-    bfloat16 stays on JAX (the ONNX graph is float32), and so does a multi-host run (the JAX
-    engine shards batches over the mesh; this one runs on the local host only).
+    bfloat16 stays on JAX (the ONNX graph is float32), and so does a mesh of several devices or
+    hosts (the JAX engine shards each batch over it; this one runs on the local CPU only).
     """
-    if backend == "cpu" and dtype == "float32" and processes == 1 and available():
+    if backend == "cpu" and dtype == "float32" and devices == 1 and available():
         return "onnxruntime"
     return "jax"
+
+
+def resolve(engine: str, backend: str, dtype: str = "float32", devices: int = 1) -> str:
+    """``--engine`` (auto, jax, onnxruntime) -> the engine that runs; InputError if it cannot.
+
+    ``devices``: the size of the mesh the forward would run on (every device of every host).
+    """
+    from ddscore_jax.errors import InputError
+
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        return default_engine(backend, dtype, devices)
+    if engine == "onnxruntime":
+        if not available():
+            raise InputError("--engine onnxruntime needs onnx and onnxruntime: "
+                             "pip install 'ddscore-jax[cpu]'")
+        if dtype != "float32":
+            raise InputError(f"--engine onnxruntime runs float32 only, not --dtype {dtype}")
+        if devices > 1:
+            raise InputError(f"--engine onnxruntime runs on one device; this run has {devices} "
+                             "(use --engine jax)")
+    return engine
 
 
 class _Graph:

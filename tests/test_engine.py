@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ddscore_jax.converters._common import imported
-from helpers import randomise_batchnorm, rel_err
+from helpers import randomise_batchnorm, rel_err, write_image_folder
 
-from ddscore_jax import model, ort_engine
+from ddscore_jax import data, model, ort_engine
+from ddscore_jax.errors import InputError
+from ddscore_jax.extract import LoadedModel, ZooForward, extract_features
 
 IMAGE_SIZE = 64
 # max|ours - source| / max|source| per output, float32 through ~20-50 convolutions: measured
@@ -126,4 +128,35 @@ def test_default_engine():
     assert ort_engine.default_engine("gpu") == "jax"
     assert ort_engine.default_engine("tpu") == "jax"
     assert ort_engine.default_engine("cpu", dtype="bfloat16") == "jax"
-    assert ort_engine.default_engine("cpu", processes=2) == "jax"
+    assert ort_engine.default_engine("cpu", devices=2) == "jax"
+
+
+def test_engine_choice_is_checked():
+    with pytest.raises(InputError, match="--engine must be one of"):
+        ort_engine.resolve("tensorrt", "cpu")
+    with pytest.raises(InputError, match="float32 only"):
+        ort_engine.resolve("onnxruntime", "cpu", "bfloat16")
+    with pytest.raises(InputError, match="one device"):
+        ort_engine.resolve("onnxruntime", "cpu", devices=4)
+    assert ort_engine.resolve("auto", "cpu", "bfloat16") == "jax"
+    assert ort_engine.resolve("jax", "cpu") == "jax"
+
+
+def test_extraction_is_the_same_on_both_engines(tmp_path):
+    """The whole extraction (decode, padded ragged batches, features and a head) through
+    onnxruntime gives the JAX engine's outputs to float32 rounding."""
+    root = write_image_folder(tmp_path / "images", per_class=3)
+    ds = data.scan(root)
+    _, a = _source("torchvision", "resnet18", seed=5)
+    _, b = _source("torchvision", "resnet50", seed=6)
+    models = [LoadedModel("a", a.config, a.state_dict),
+              LoadedModel("b", b.config, b.state_dict, blocks=1, head="probabilities")]
+    kw = dict(batch_size=4, image_size=IMAGE_SIZE)
+    jax_out = extract_features(models, ds, engine="jax", **kw)
+    ort_out = extract_features(models, ds, engine="onnxruntime", **kw)
+    assert ZooForward(models, engine="auto").engine == "onnxruntime"
+    for j, o in zip(jax_out, ort_out, strict=True):
+        assert sorted(j) == sorted(o)
+        for k in j:
+            assert o[k].shape == j[k].shape == (len(ds), j[k].shape[1])
+            assert rel_err(o[k], j[k]) < FEATURE_RTOL, k
