@@ -160,3 +160,28 @@ def test_extraction_is_the_same_on_both_engines(tmp_path):
         for k in j:
             assert o[k].shape == j[k].shape == (len(ds), j[k].shape[1])
             assert rel_err(o[k], j[k]) < FEATURE_RTOL, k
+
+
+def test_cli_engine_switch(tmp_path):
+    """``extract --engine`` through the real CLI: both engines write the same features; an
+    unknown engine is one line and exit code 2, with nothing written."""
+    from helpers import cli, error_line, save_pth, torch_resnet
+
+    ckpt = save_pth(torch_resnet("resnet18", seed=7), tmp_path / "r18.pth")
+    zoo_dir, images = tmp_path / "zoo", write_image_folder(tmp_path / "images", per_class=2)
+    assert cli("convert", ckpt, "--zoo", zoo_dir).returncode == 0
+    feats = {}
+    for engine in ("jax", "onnxruntime"):
+        out = tmp_path / engine
+        r = cli("extract", zoo_dir, images, "--out", out, "--image-size", IMAGE_SIZE,
+                "--engine", engine)
+        assert r.returncode == 0, r.stderr
+        with np.load(out / "r18.npz") as z:
+            feats[engine] = {k: z[k] for k in ("layer3.0", "layer3.1")}
+    for k in feats["jax"]:
+        assert rel_err(feats["onnxruntime"][k], feats["jax"][k]) < FEATURE_RTOL
+    r = cli("extract", zoo_dir, images, "--out", tmp_path / "bad", "--engine", "tensorrt")
+    assert r.returncode == 2
+    assert error_line(r).startswith("error: --engine must be one of"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
