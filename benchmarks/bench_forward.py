@@ -147,8 +147,8 @@ def _report(times: dict[str, list[float]], per_run: int, loads: list[float], bas
         b = median(cpu[base])
         print("CPU time (all threads) per image-model, the work each side needs:")
         for name, v in cpu.items():
-            print(f"  {name:44s} {1e3 * median(v) / per_run:7.1f} ms  {b / median(v):5.2f}x "
-                  f"less than {base.split(' (')[0]}")
+            print(f"  {name:44s} {1e3 * median(v) / per_run:7.1f} ms  "
+                  f"({base.split(' (')[0]} needs {b / median(v):.2f}x this)")
 
 
 def _child(args) -> None:
