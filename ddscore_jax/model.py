@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# --- Contract between the converters and the model (issue 8) -------------------------------------
+# --- Contract between the converters and the model ---------------------------------------------
 # Every converter returns ``(ResNetConfig, state_dict)``: the *canonical state dict* is the
 # checkpoint's own parameters as float32 NumPy arrays under timm's ``resnet.py`` names (a superset
 # of torchvision's), in torch layouts (conv OIHW, ``fc.weight`` (out, in)):
@@ -195,10 +195,20 @@ class AvgPoolDown(Identity):
 
 
 class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics)."""
+    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics), whose
+    running variance follows torch's: updated with the unbiased batch variance (Flax's own uses
+    the biased one), while the batch is normalised with the biased one, as both do."""
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return super().__call__(x, use_running_average=not train)
+        if not train:
+            return super().__call__(x, use_running_average=True)
+        old = self.var.get_value()
+        y = super().__call__(x, use_running_average=False)
+        n = x.size // x.shape[-1]
+        m = self.momentum
+        # Flax stored m * old + (1 - m) * biased; rescale the batch's share by n / (n - 1).
+        self.var.set_value(m * old + (self.var.get_value() - m * old) * (n / max(n - 1, 1)))
+        return y
 
 
 def _norm(channels: int, config: ResNetConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -425,7 +435,8 @@ def from_state_dict(state_dict: StateDict, config: ResNetConfig) -> nnx.State:
     flat = []
     for path, var in nnx.to_flat_state(abstract(config)[1]):
         value = _to_flax_layout(str(path[-1]), np.asarray(state_dict[_torch_name(path)]))
-        flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
+        # A copy: on CPU jnp.asarray may alias the NumPy buffer, which the caller may reuse.
+        flat.append((path, var.replace(jnp.array(value, jnp.float32))))
     return nnx.from_flat_state(flat)
 
 

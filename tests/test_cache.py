@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ddscore_jax.converters._common import ImportedModel
 from PIL import Image
 
 from ddscore_jax import api, cache, data, model, zoo
+from ddscore_jax.converters._common import ImportedModel
 
 SIZE = 32
 BLOCKS = ("layer3.0", "layer3.1")
@@ -29,7 +29,9 @@ def write_folder(root: Path, per_class: int = 3) -> Path:
 def add_model(zoo_dir: Path, name: str, seed: int) -> None:
     # The sha256 stands for the checkpoint file's hash; a new seed is a new checkpoint.
     zoo.add(zoo_dir, [zoo.Addition(name, zoo_dir / f"{name}.pth", "pytorch", f"{seed:064x}",
-                                   ImportedModel("resnet18", model.init_flat("resnet18", seed)))],
+                                   ImportedModel(model.CONFIGS["resnet18"],
+                                                 model.init_state_dict(model.CONFIGS["resnet18"],
+                                                                       seed)))],
             overwrite=True)
 
 
