@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ddscore_jax.converters._common import imported
 from helpers import randomise_batchnorm, rel_err, write_image_folder
 
 from ddscore_jax import data, model, ort_engine
+from ddscore_jax.converters._common import imported
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import LoadedModel, ZooForward, extract_features
 
