@@ -17,35 +17,44 @@ Then, per target, it does what a user would: scores every model on ``train/`` wi
 accuracy on ``valid/``), and compares the two (``evaluate``). Prints weighted Kendall tau per
 metric and target.
 
+Any image sets can take part, as folders of classes (torchvision ``ImageFolder`` layout):
+``--source NAME=DIR`` pre-trains one more ResNet18 (and its short-trained copy) on every image of
+DIR; ``--target NAME=DIR`` replaces the packaged targets by DIR (used as it is when it holds
+``train/`` and ``valid/``, else split per class with a seed: ``--train-per-class`` images to
+``train/``, up to ``--valid-per-class`` of the rest to ``valid/``). Scoring sees only ``train/``;
+a model pre-trained on a target's own folder is left out of that target's zoo.
+
     python benchmarks/transfer_zoo.py            # full: 9 models x 4 targets, 32 px
     python benchmarks/transfer_zoo.py --small    # smoke test: 3 models x 2 targets, minutes
     python benchmarks/transfer_zoo.py --out DIR  # keep the zoo, targets, results and figures
+    python benchmarks/transfer_zoo.py --image-size 64 \
+        --source tiles=DEFECTS/magnetic_tile --source pcb=DEFECTS/pcb_defects \
+        --target tiles=DEFECTS/magnetic_tile --target pcb=DEFECTS/pcb_defects
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
+import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ddscore_jax import cache, data, evaluate, finetune, model, zoo
+from ddscore_jax import cache, data, evaluate, finetune, model, sources, train, zoo
 
 ARCH = "resnet18"
 SEED = 0
-CROP = 64  # crops of the scikit-image pictures, in source pixels, before resizing
-TRAIN_ROWS = 0.7  # rows above this fraction of a picture feed the sources, rows below the targets
-TEXTURES = ("brick", "grass", "gravel", "camera", "coins", "moon", "text", "page", "clock", "cell")
-SCENES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-          "immunohistochemistry", "retina", "colorwheel")
+TEXTURES = sources.TEXTURES
+SCENES = sources.SCENES
 TARGET_SCENES = SCENES[:5]
 DEFECT_SURFACES = ("brick", "grass", "gravel")
 # Pre-training gives every source this many outputs (the largest source has 10 classes), so all
@@ -79,119 +88,45 @@ SMALL = Config(
     image_size=32, sources=("digits", "textures", "faces"),
     targets=(("defects", 20, 12), ("digits", 10, 5)),
     short_models=False, random_model=False, pretrain_steps=40, pretrain_batch=16,
-    finetune_settings=finetune.Settings(image_size=32, epochs=6),
+    # One learning rate: a smoke test of the pipeline, not a ground truth.
+    finetune_settings=finetune.Settings(image_size=32, epochs=6, learning_rates=(1e-3,)),
 )
 
 
 # ---------------------------------------------------------------------------------------------
-# Images: uint8, (n, h, w) grayscale or (n, h, w, 3) colour.
+# Images: uint8, (n, h, w) grayscale or (n, h, w, 3) colour (ddscore_jax.sources).
 
-
-@dataclass(frozen=True)
-class Labelled:
-    images: np.ndarray
-    labels: np.ndarray
-    classes: tuple[str, ...]
-
-
-def _picture(name: str, color: bool = False) -> np.ndarray:
-    from skimage import data as skdata
-
-    img = getattr(skdata, name)()
-    mode = "RGB" if color else "L"
-    if img.ndim == 2 and not color:
-        return img
-    return np.asarray(Image.fromarray(img[..., :3] if img.ndim == 3 else img).convert(mode))
-
-
-def _rows(img: np.ndarray, part: str) -> np.ndarray:
-    cut = int(TRAIN_ROWS * img.shape[0])
-    return img[:cut] if part == "source" else img[cut:]
-
-
-def _crops(img: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    h, w = img.shape[:2]
-    ys, xs = rng.integers(0, h - CROP + 1, count), rng.integers(0, w - CROP + 1, count)
-    return np.stack([img[y:y + CROP, x:x + CROP] for y, x in zip(ys, xs, strict=True)])
-
-
-def _picture_crops(names, part: str, per_class: int, color: bool, seed: int) -> Labelled:
-    rng = np.random.default_rng(seed)
-    images = [_crops(_rows(_picture(n, color), part), per_class, rng) for n in names]
-    labels = np.repeat(np.arange(len(names)), per_class)
-    return Labelled(np.concatenate(images), labels, tuple(names))
-
-
-def _digits(part: str) -> Labelled:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    keep = np.arange(len(d.target)) % 2 == (0 if part == "source" else 1)
-    images = np.round(d.images[keep] * (255 / 16)).astype(np.uint8)  # pixel values run 0..16
-    return Labelled(images, d.target[keep], tuple(str(i) for i in range(10)))
-
-
-def _faces(part: str) -> Labelled:
-    from skimage import data as skdata
-
-    images = np.round(skdata.lfw_subset() * 255).astype(np.uint8)
-    labels = np.repeat([1, 0], 100)  # the first 100 are faces
-    # The first 70 of each class feed the source, the other 30 the target.
-    keep = (np.arange(200) % 100 < 70) == (part == "source")
-    return Labelled(images[keep], labels[keep], ("non-face", "face"))
+Labelled = sources.Labelled
+to_inputs = sources.to_inputs
 
 
 def source_task(name: str) -> Labelled:
     if name == "digits":
-        return _digits("source")
+        return sources.digits("source")
     if name == "faces":
-        return _faces("source")
+        return sources.faces("source")
     if name == "textures":
-        return _picture_crops(TEXTURES, "source", 100, False, SEED)
+        return sources.picture_crops(name, TEXTURES, "source", 100, seed=SEED)
     if name == "scenes":
-        return _picture_crops(SCENES, "source", 100, True, SEED)
+        return sources.picture_crops(name, SCENES, "source", 100, color=True, seed=SEED)
     raise ValueError(name)
-
-
-def _defect(crop: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    # A thin straight scratch or a soft round spot, brighter or darker than the surface.
-    yy, xx = np.mgrid[0:CROP, 0:CROP].astype(np.float32)
-    cy, cx = rng.uniform(0.3 * CROP, 0.7 * CROP, 2)
-    if kind == "scratch":
-        angle = rng.uniform(0, np.pi)
-        dy, dx = np.sin(angle), np.cos(angle)
-        along = (yy - cy) * dy + (xx - cx) * dx
-        across = np.abs(-(yy - cy) * dx + (xx - cx) * dy)
-        # Wide enough to survive the resize to 32 pixels.
-        mask = np.clip(rng.uniform(2.5, 4.0) - across, 0, 1) * (
-            np.abs(along) <= rng.uniform(0.3, 0.5) * CROP)
-    else:
-        ry, rx = rng.uniform(0.12, 0.22, 2) * CROP
-        mask = np.clip((1.0 - np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)) * 4, 0, 1)
-    value = 255.0 if rng.random() < 0.5 else 0.0
-    out = crop.astype(np.float32) * (1 - mask) + value * mask
-    return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
 def target_task(name: str, per_class: int) -> Labelled:
     rng = np.random.default_rng(SEED + 1)
     if name == "defects":
-        classes = ("clean", "scratch", "spot")
-        surfaces = [_rows(_picture(s), "target") for s in DEFECT_SURFACES]
-        images, labels = [], []
-        for c, kind in enumerate(classes):
-            for i in range(per_class):
-                crop = _crops(surfaces[i % len(surfaces)], 1, rng)[0]
-                images.append(crop if kind == "clean" else _defect(crop, kind, rng))
-                labels.append(c)
-        return Labelled(np.stack(images), np.array(labels), classes)
+        surfaces = [sources.rows(sources.picture(s), "target") for s in DEFECT_SURFACES]
+        # Marks wider and spots larger than the demo's: they must survive the resize to 32 px.
+        return sources.defects(surfaces, per_class, rng, scratch_width=(2.5, 4.0),
+                               spot_radius=(0.12, 0.22))
     if name == "scenes":
-        return _picture_crops(TARGET_SCENES, "target", per_class, True, SEED + 2)
-    task = _digits("target") if name == "digits" else _faces("target")
+        return sources.picture_crops(name, TARGET_SCENES, "target", per_class, color=True,
+                                     seed=SEED + 2)
+    task = sources.digits("target") if name == "digits" else sources.faces("target")
     # At most per_class images of each class, drawn with a seed.
-    keep = np.concatenate([rng.permutation(np.flatnonzero(task.labels == c))[:per_class]
-                           for c in range(len(task.classes))])
-    return Labelled(task.images[np.sort(keep)], task.labels[np.sort(keep)], task.classes)
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(task.labels == c))[:per_class]
+                                   for c in range(len(task.classes))]))
+    return Labelled(name, task.images[keep], task.labels[keep], task.classes)
 
 
 def write_target(task: Labelled, folder: Path, train_per_class: int) -> None:
@@ -205,72 +140,154 @@ def write_target(task: Labelled, folder: Path, train_per_class: int) -> None:
                 Image.fromarray(task.images[i]).save(folder / part / cls / f"{i:04d}.png")
 
 
-def to_inputs(images: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 images -> (n, S, S, 3) float32, preprocessed exactly as ``data.load_image`` does."""
-    out = np.empty((len(images), image_size, image_size, 3), np.float32)
-    for i, img in enumerate(images):
-        rgb = Image.fromarray(img).convert("RGB").resize((image_size, image_size),
-                                                         Image.BILINEAR)
-        out[i] = (np.asarray(rgb, np.float32) / np.float32(255) - data.MEAN) / data.STD
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The zoo.
-
-
-def _digest(flat: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(flat):
-        value = np.ascontiguousarray(flat[key], np.float32)
-        h.update(f"{key}:{value.shape}".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
 
 
 def _addition(name: str, config: model.ResNetConfig, state) -> zoo.Addition:
     sd = model.to_state_dict(state)
     return zoo.Addition(name=name, source=Path(f"benchmark:{name}"), source_format="benchmark",
-                        sha256=_digest(sd), model=zoo.ImportedModel(config, sd))
+                        sha256=sources.params_digest(sd), model=zoo.ImportedModel(config, sd))
 
 
 def _fresh(config: model.ResNetConfig, seed: int):
-    # torchvision's init, each residual branch's last conv and the classifier zeroed: without
-    # BatchNorm nothing else keeps a deep random stack's activations in range.
-    sd = model.init_state_dict(config, seed, zero_init_residual=True)
-    sd["fc.weight"] = np.zeros_like(sd["fc.weight"])
-    return model.from_state_dict(sd, config)
+    # A ResNet18 with BatchNorm, initialised as torchvision does.
+    return model.from_state_dict(model.init_state_dict(config, seed), config)
 
 
-def build_zoo(cfg: Config, zoo_dir: Path, log) -> list[str]:
-    """Pre-train a ResNet18 per source (and the short and random extras); write the zoo."""
-    settings = finetune.Settings(image_size=cfg.image_size, batch_size=cfg.pretrain_batch,
-                                 optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4,
-                                 seed=SEED)
-    config = model.ResNetConfig("basic", (2, 2, 2, 2), num_classes=SOURCE_CLASSES,
-                                batchnorm=False)
-    trainer = finetune.Trainer(config, settings)
+def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
+              images_per_class: int | None = None) -> dict[str, Path | None]:
+    """Pre-train a ResNet18 per source (and the short and random extras); write the zoo.
+
+    ``folders`` are more sources, each pre-trained on (at most ``images_per_class`` of each
+    class of) its images. Returns ``{model: the source folder it was pre-trained on, or None}``.
+    """
+    recipe = train.Recipe(batch_size=cfg.pretrain_batch, optimizer="adamw", learning_rate=1e-3,
+                          weight_decay=1e-4, schedule="cosine")
+    loaded = {f.name: load_folder(f.path, cfg.image_size, images_per_class, log)
+              for f in folders}
+    # One head width for every source (so one compiled train step): the widest source's.
+    width = max([SOURCE_CLASSES] + [len(classes) for _, _, classes in loaded.values()])
+    config = dataclasses.replace(model.CONFIGS[ARCH], num_classes=width)
+    trainer = train.Trainer(config, recipe)
     additions = []
-    for k, name in enumerate(cfg.sources):
-        task = source_task(name)
-        x, y = to_inputs(task.images, cfg.image_size), task.labels
+    origin: dict[str, Path | None] = {}
+    tasks = [(name, None) for name in cfg.sources] + [(f.name, f.path) for f in folders]
+    for k, (name, folder) in enumerate(tasks):
+        if folder is None:
+            task = source_task(name)
+            x, y = to_inputs(task.images, cfg.image_size), task.labels
+        else:
+            x, y, _ = loaded[name]
         lengths = [("", cfg.pretrain_steps)]
         if cfg.short_models:
             lengths.append(("_short", max(1, cfg.pretrain_steps // 6)))
         for suffix, steps in lengths:
             started = time.monotonic()
             state = _fresh(config, SEED + k)
-            state, loss = trainer.train(state, x, y, steps=steps, seed=SEED + k)
+            state, loss = trainer.train(state, x, y, steps, seed=SEED + k)
             probe = np.random.default_rng(SEED).permutation(len(x))[:256]
             acc = trainer.accuracy(state, x[probe], y[probe], 256)
             log(f"  pre-trained {ARCH}_{name}{suffix}: {len(x)} images, {steps} steps, "
                 f"loss {loss:.3f}, accuracy on {len(probe)} of them {acc:.3f}, "
                 f"{time.monotonic() - started:.0f} s")
             additions.append(_addition(f"{ARCH}_{name}{suffix}", config, state))
+            origin[additions[-1].name] = folder
     if cfg.random_model:
         additions.append(_addition(f"{ARCH}_random", config, _fresh(config, SEED + 99)))
+        origin[additions[-1].name] = None
     zoo.add(zoo_dir, additions)
-    return [a.name for a in additions]
+    return origin
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sets given as folders.
+
+
+@dataclass(frozen=True)
+class Folder:
+    name: str
+    path: Path
+
+
+def parse_folder(text: str, option: str) -> Folder:
+    """``NAME=DIR`` -> Folder; ValueError naming the option and the problem."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"{option} {text!r}: expected NAME=DIR")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"{option} {text!r}: NAME may hold letters, digits, '_', '.', '-'")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{option} {text!r}: {folder} is not a folder")
+    return Folder(name, folder.resolve())
+
+
+def _has_split(folder: Path) -> bool:
+    return all((folder / part).is_dir() for part in data.SPLITS)
+
+
+def load_folder(folder: Path, image_size: int, per_class: int | None,
+                log) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Every image of a folder of classes (``train/`` and ``valid/`` together when it has them),
+    at most ``per_class`` of each class drawn with the seed, preprocessed for the network."""
+    from ddscore_jax import pipeline
+
+    dataset = data.scan(folder)
+    rng = np.random.default_rng(SEED + 5)
+    keep = np.sort(np.concatenate([
+        rng.permutation(np.flatnonzero(dataset.labels == c))[:per_class]
+        for c in range(len(dataset.classes))]))
+    dataset = data.Dataset(dataset.root, tuple(dataset.paths[i] for i in keep),
+                           dataset.labels[keep], dataset.classes)
+    x = np.empty((len(dataset), image_size, image_size, 3), np.float32)
+    for batch in pipeline.iter_batches(dataset, image_size, 64):
+        x[batch.start:batch.stop] = batch.images[:batch.stop - batch.start]
+    log(f"  source {folder}: {len(dataset)} images, {len(dataset.classes)} classes")
+    return x, dataset.labels, dataset.classes
+
+
+def split_target(folder: Path, dest: Path, train_per_class: int,
+                 valid_per_class: int | None) -> Path:
+    """The target's ``train/`` + ``valid/`` folder: ``folder`` itself when it has them, else a
+    seeded stratified split of its images into ``dest`` (links to the originals): per class
+    ``train_per_class`` to ``train/`` (half the class when it is smaller than twice that) and up
+    to ``valid_per_class`` of the others to ``valid/``."""
+    if _has_split(folder):
+        return folder
+    dataset = data.scan(folder)
+    rng = np.random.default_rng(SEED + 3)
+    for c, cls in enumerate(dataset.classes):
+        idx = rng.permutation(np.flatnonzero(dataset.labels == c))
+        n_train = min(train_per_class, len(idx) // 2)
+        if n_train < 1:
+            raise ValueError(f"{folder / cls}: needs at least 2 images to split, has {len(idx)}")
+        rest = idx[n_train:] if valid_per_class is None else idx[n_train:n_train + valid_per_class]
+        for part, chosen in (("train", idx[:n_train]), ("valid", rest)):
+            (dest / part / cls).mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                src = dataset.root / dataset.paths[i]
+                link = dest / part / cls / f"{i:05d}_{src.name}"
+                try:
+                    link.symlink_to(src)
+                except OSError:  # no symlinks here: copy
+                    shutil.copyfile(src, link)
+    return dest
+
+
+def target_zoo(zoo_dir: Path, dest: Path, excluded: Sequence[str]) -> Path:
+    """``zoo_dir`` without the ``excluded`` models, as a zoo folder of its own (links to the
+    checkpoints): a model pre-trained on a target's own images has no place in its ranking."""
+    if not excluded:
+        return zoo_dir
+    doc = json.loads((zoo_dir / "zoo.json").read_text())
+    doc["models"] = [m for m in doc["models"] if m["name"] not in excluded]
+    for m in doc["models"]:
+        link = dest / m["checkpoint"]
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((zoo_dir / m["checkpoint"]).resolve(), target_is_directory=True)
+    zoo.write_json_atomic(dest / "zoo.json", doc)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,48 +305,80 @@ def score_all(zoo_dir: Path, train_dir: Path, image_size: int, scores: Path) -> 
     zoo.write_json_atomic(scores, ranking.to_json())
 
 
-def run(cfg: Config, out: Path, log) -> dict:
+def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
+        targets: Sequence[Folder] = (), train_per_class: int = 30,
+        valid_per_class: int | None = 30, source_images_per_class: int | None = None) -> dict:
     cache.enable_compilation_cache()
     t0 = time.monotonic()
     zoo_dir = out / "zoo"
-    log(f"building the zoo ({len(cfg.sources)} sources) ...")
-    names = build_zoo(cfg, zoo_dir, log)
+    log(f"building the zoo ({len(cfg.sources) + len(sources)} sources) ...")
+    origin = build_zoo(cfg, zoo_dir, log, sources, source_images_per_class)
+    names = list(origin)
     timings = {"zoo": time.monotonic() - t0}
     report: dict = {
         "config": {k: v for k, v in cfg.__dict__.items() if k != "finetune_settings"},
-        "finetune_settings": cfg.finetune_settings.__dict__, "models": names, "targets": {}}
-    for target, per_class, train_per_class in cfg.targets:
+        "finetune_settings": cfg.finetune_settings.__dict__, "models": names, "targets": {},
+        "sources": {f.name: str(f.path) for f in sources}}
+    if targets:
+        plan = [(t.name, t.path) for t in targets]
+    else:
+        plan = [(name, None) for name, _, _ in cfg.targets]
+    for target, source_folder in plan:
         t1 = time.monotonic()
-        folder = out / "targets" / target
-        task = target_task(target, per_class)
-        write_target(task, folder, train_per_class)
-        log(f"target {target}: {len(task.classes)} classes, "
-            f"{len(data.scan(folder / 'train'))} train / {len(data.scan(folder / 'valid'))} "
-            f"held-out images")
+        if source_folder is None:
+            _, per_class, train_per_class_ = next(t for t in cfg.targets if t[0] == target)
+            folder = out / "targets" / target
+            write_target(target_task(target, per_class), folder, train_per_class_)
+        else:
+            folder = split_target(source_folder, out / "targets" / target, train_per_class,
+                                  valid_per_class)
+        # A model pre-trained on this target's own images is left out of its zoo.
+        excluded = [m for m, f in origin.items() if f is not None and source_folder is not None
+                    and f == source_folder]
+        target_zoo_dir = target_zoo(zoo_dir, out / "zoos" / target, excluded)
+        train, held = data.scan(folder / "train"), data.scan(folder / "valid")
+        log(f"target {target}: {len(train.classes)} classes, {len(train)} train / {len(held)} "
+            f"held-out images" + (f"; left out: {', '.join(excluded)}" if excluded else ""))
         scores = out / "scores" / f"{target}.json"
-        score_all(zoo_dir, folder / "train", cfg.image_size, scores)
+        score_all(target_zoo_dir, folder / "train", cfg.image_size, scores)
         t2 = time.monotonic()
         results = out / "results" / f"{target}.json"
         results.parent.mkdir(parents=True, exist_ok=True)
-        doc = finetune.finetune(zoo_dir, folder, results, cfg.finetune_settings)
+        doc = finetune.finetune(target_zoo_dir, folder, results, cfg.finetune_settings)
         acc = {m["name"]: m["held_out_accuracy"] for m in doc["models"]}
         log(f"  scored in {t2 - t1:.0f} s, fine-tuned in {time.monotonic() - t2:.0f} s; "
             "held-out accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in
                                               sorted(acc.items(), key=lambda kv: -kv[1])))
         result = evaluate.evaluate([scores], results)
+        result.target = target
         figure = out / "figures" / f"{target}.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
         evaluate.plot(result, figure, title=f"target: {target}")
-        report["targets"][target] = {"accuracy": acc, **result.to_json()}
+        report["targets"][target] = {"accuracy": acc, "excluded": excluded,
+                                     "n_train": len(train), "n_held_out": len(held),
+                                     **result.to_json()}
+        report.setdefault("_evaluations", []).append(result)
         timings[target] = time.monotonic() - t1
         log(f"  done in {timings[target]:.0f} s")
+    summary = evaluate.summarize(report.pop("_evaluations"))
+    report["mean_over_targets"] = summary.to_json()["mean_over_targets"]
+    report["better_mean_weighted_tau"] = [list(p) for p in summary.better]
     timings["total"] = time.monotonic() - t0
     report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     return report
 
 
+def _cell(value: float | None, interval) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:+.3f}"
+    return text if not interval else f"{text} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
 def table(report: dict) -> str:
-    """tau_w per metric (rows) and target (columns), and the mean over targets."""
+    """tau_w per metric (rows) and target (columns), and the mean over targets; each with its 95%
+    bootstrap interval where there is one (seeds within a target; targets and seeds for the
+    mean)."""
     targets = list(report["targets"])
     metrics: list[str] = []
     for t in targets:
@@ -339,26 +388,77 @@ def table(report: dict) -> str:
     head = f"| metric | {' | '.join(targets)} | mean |"
     lines = [head, "|" + " --- |" * (len(targets) + 2)]
     for metric in metrics:
-        values = []
+        cells = []
         for t in targets:
-            found = [e["weighted_tau"] for e in report["targets"][t]["metrics"]
-                     if e["metric"] == metric]
-            values.append(found[0] if found else None)
-        real = [v for v in values if v is not None]
-        mean = f"{np.mean(real):+.3f}" if real else "n/a"
-        cells = ["n/a" if v is None else f"{v:+.3f}" for v in values]
-        lines.append(f"| {evaluate.label(metric)} | {' | '.join(cells)} | {mean} |")
+            found = [e for e in report["targets"][t]["metrics"] if e["metric"] == metric]
+            cells.append(_cell(found[0]["weighted_tau"], found[0]["intervals"]["weighted_tau"])
+                         if found else "n/a")
+        mean = report["mean_over_targets"].get(metric, {}).get("weighted_tau")
+        cells.append(_cell(mean["mean"], mean["interval"]) if mean else "n/a")
+        lines.append(f"| {evaluate.label(metric)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="NAME=DIR folders are folders of classes (one sub-folder of images per class).")
     parser.add_argument("--small", action="store_true",
                         help="3 models x 2 targets with few steps: a smoke test of minutes")
     parser.add_argument("--out", type=Path, help="keep everything in this folder")
     parser.add_argument("--json", type=Path, help="write the report (JSON) here")
+    parser.add_argument("--source", action="append", default=[], metavar="NAME=DIR",
+                        help="pre-train one more source model on DIR (repeatable)")
+    parser.add_argument("--target", action="append", default=[], metavar="NAME=DIR",
+                        help="a target (repeatable); given, they replace the packaged targets")
+    parser.add_argument("--no-packaged-sources", action="store_true",
+                        help="only the --source folders as sources")
+    parser.add_argument("--image-size", type=int, help="pixels (default 32)")
+    parser.add_argument("--train-per-class", type=int, default=30,
+                        help="a folder target without train/ + valid/: images per class in "
+                             "train/ (default 30; at most half the class)")
+    parser.add_argument("--valid-per-class", type=int, default=30,
+                        help="...and at most this many of the others in valid/ (default 30)")
+    parser.add_argument("--source-images-per-class", type=int,
+                        help="pre-train a folder source on at most this many images per class")
+    parser.add_argument("--pretrain-steps", type=int, help="steps per source model")
+    parser.add_argument("--epochs", type=float, help="fine-tuning epochs")
+    parser.add_argument("--seeds", type=int, help="fine-tuning repeats per learning rate (the "
+                        "intervals come from their spread)")
+    parser.add_argument("--learning-rate", type=float, action="append", default=[],
+                        help="fine-tuning learning-rate grid (repeatable)")
     args = parser.parse_args(argv)
     cfg = SMALL if args.small else FULL
+    try:
+        sources = [parse_folder(t, "--source") for t in args.source]
+        targets = [parse_folder(t, "--target") for t in args.target]
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    for kind, given in (("source", sources), ("target", targets)):
+        names = [f.name for f in given]
+        if len(set(names)) < len(names):
+            print(f"--{kind}: each NAME once, got {', '.join(names)}", file=sys.stderr)
+            return 2
+    if args.no_packaged_sources:
+        if not sources:
+            print("--no-packaged-sources needs --source", file=sys.stderr)
+            return 2
+        cfg = replace(cfg, sources=(), random_model=cfg.random_model)
+    clash = {f.name for f in sources} & set(cfg.sources)
+    if clash:
+        print(f"--source {', '.join(sorted(clash))}: a packaged source has that name",
+              file=sys.stderr)
+        return 2
+    size = args.image_size or cfg.image_size
+    cfg = replace(cfg, image_size=size,
+                  pretrain_steps=args.pretrain_steps or cfg.pretrain_steps,
+                  finetune_settings=replace(
+                      cfg.finetune_settings, image_size=size,
+                      epochs=args.epochs or cfg.finetune_settings.epochs,
+                      seeds=args.seeds or cfg.finetune_settings.seeds,
+                      learning_rates=tuple(args.learning_rate)
+                      or cfg.finetune_settings.learning_rates))
     out = args.out or Path(tempfile.mkdtemp(prefix="ddscore-transfer-"))
     if args.out and (out / "zoo").exists():
         print(f"{out}: already holds a benchmark; give an empty or new --out", file=sys.stderr)
@@ -369,16 +469,21 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        report = run(cfg, out, log)
+        report = run(cfg, out, log, sources=sources, targets=targets,
+                     train_per_class=args.train_per_class, valid_per_class=args.valid_per_class,
+                     source_images_per_class=args.source_images_per_class)
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
-    command = "python benchmarks/transfer_zoo.py" + (" --small" if args.small else "")
-    print(f"# {command}: {len(report['models'])} models, {len(report['targets'])} targets, "
-          f"{cfg.image_size} px, {report['seconds']['total']:.0f} s")
+    command = "python benchmarks/transfer_zoo.py " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:])
+    print(f"# {command.strip()}: {len(report['models'])} models, {len(report['targets'])} "
+          f"targets, {cfg.image_size} px, {report['seconds']['total']:.0f} s")
     print("weighted Kendall tau (tau_w) of each metric's ranking against fine-tuned held-out "
-          "accuracy")
+          "accuracy, with 95% bootstrap intervals where there are any")
     print(table(report))
+    for a, b in report["better_mean_weighted_tau"]:
+        print(f"over the targets, {evaluate.label(a)} ranks better than {evaluate.label(b)}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -144,23 +144,30 @@ def _print_ranking(ranking, title: str) -> None:
 @app.command()
 def convert(
     sources: Annotated[list[Path], typer.Argument(
-        help=".pth/.pt/.onnx checkpoints; a folder means every such file in it.")],
+        help="Checkpoints: .safetensors, .pth, .pt, .bin, .pth.tar, .ckpt, .onnx files, model "
+             "folders (config.json + weights, as save_pretrained or hf download write them), or "
+             "folders of these.")],
     zoo_dir: Annotated[Path, typer.Option("--zoo", help="Zoo folder (created if missing).")],
     name: Annotated[str | None, typer.Option(
-        help="Name in the zoo (only with a single source); default: the file's stem.")] = None,
+        help="Name in the zoo (only with a single source); default: the file's stem or the "
+             "model folder's name.")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace a different model that has the same name.")] = False,
 ) -> None:
-    """Import ResNet18/34 checkpoints into a model zoo (Orbax checkpoints + zoo.json)."""
+    """Import ResNet v1 checkpoints into a model zoo, each on its own (exit 2 if any is refused)."""
     from ddscore_jax.convert import convert_sources
 
     with _Bars() as bars:
-        written, skipped = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite,
-                                           progress=bars)
-    for n in written:
+        result = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite, progress=bars)
+    for n in result.written:
         console.print(f"added [bold]{n}[/bold] to {zoo_dir}")
-    for n in skipped:
+    for n in result.unchanged:
         console.print(f"{n}: already in {zoo_dir}, unchanged")
+    for line in result.refused:
+        # Plain print: a refusal names a user's path, which rich would read as markup.
+        print(f"error: {line}", file=sys.stderr)
+    if result.refused:
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -196,8 +203,9 @@ def score(
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
-    ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
-                        metrics=_split(metric))
+    with _Bars() as bars:
+        ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
+                            metrics=_split(metric), progress=bars)
     _print_ranking(ranking, f"D-deepscore of {feats}")
     _write_json(ranking.to_json(), json_out)
 

@@ -12,8 +12,6 @@ from typing import Annotated
 
 import typer
 
-from ddscore_jax.errors import InputError
-
 
 def register(app: typer.Typer) -> None:
     """Add the ``finetune`` and ``evaluate`` commands to ``app``."""
@@ -35,18 +33,24 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="Images per training step.", min=1)] = 32,
     epochs: Annotated[float, typer.Option(help="Passes over DATA/train.")] = 10.0,
     optimizer: Annotated[str, typer.Option(help="adamw, or sgd (with momentum).")] = "adamw",
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    learning_rate: Annotated[list[float] | None, typer.Option(
+        help="Peak learning rate of the grid (repeat the option for several); each model's "
+             "accuracy is that of its best rate. [default: 0.001, 0.0003, 0.0001]")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(
-        help="Decoupled weight decay (adamw) or L2 decay (sgd).")] = 1e-4,
+        help="Decoupled weight decay (adamw) or L2 decay (sgd); fixed, not searched.")] = 1e-4,
     schedule: Annotated[str, typer.Option(
         help="cosine (decay to 0 over the run) or constant.")] = "cosine",
     clip_norm: Annotated[float, typer.Option(
         help="Clip gradients to this global norm (0: no clipping).")] = 1.0,
     flip: Annotated[bool, typer.Option(
         "--flip/--no-flip", help="Augment with random horizontal flips.")] = False,
+    seeds: Annotated[int, typer.Option(
+        help="Runs per learning rate, with seeds SEED, SEED+1, ...: the results record their "
+             "mean and spread.")] = 1,
     seed: Annotated[int, typer.Option(
-        help="Seed of the batch order, the flips and any freshly initialised layer4.")] = 0,
+        help="First seed of the batch order, the flips and any freshly initialised "
+             "layer4.")] = 0,
     json_out: Annotated[str | None, typer.Option(
         "--json", metavar="PATH|-", help="Also write the results ('-' for stdout).")] = None,
 ) -> None:
@@ -56,20 +60,24 @@ def finetune(
     from ddscore_jax import finetune as ft
     from ddscore_jax.cli.app import _Bars, _write_json, console
 
+    grid = tuple(learning_rate) if learning_rate else ft.Settings.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
-                           optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
+                           optimizer=optimizer, learning_rates=grid, momentum=momentum,
                            weight_decay=weight_decay, schedule=schedule, clip_norm=clip_norm,
-                           flip=flip, seed=seed)
+                           flip=flip, seeds=seeds, seed=seed)
     with _Bars() as bars:
         doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars)
     table = Table(title=f"{data_root}: held-out accuracy after fine-tuning "
                         f"({doc['dataset']['held_out']['n_images']} images in valid/)",
                   caption=f"results: {out}")
-    for col, justify in (("model", "left"), ("accuracy", "right"), ("layer4", "left"),
-                         ("train loss", "right"), ("seconds", "right")):
+    for col, justify in (("model", "left"), ("accuracy", "right"), ("sd", "right"),
+                         ("best lr", "right"), ("layer4", "left"), ("train loss", "right"),
+                         ("seconds", "right")):
         table.add_column(col, justify=justify)
     for m in sorted(doc["models"], key=lambda m: -m["held_out_accuracy"]):
-        table.add_row(m["name"], f"{m['held_out_accuracy']:.4f}", m["layer4"],
+        table.add_row(m["name"], f"{m['held_out_accuracy']:.4f}",
+                      f"{m.get('held_out_accuracy_sd', 0.0):.4f}",
+                      f"{m.get('best_learning_rate', float('nan')):g}", m["layer4"],
                       f"{m['final_train_loss']:.4f}", f"{m['seconds']:.1f}")
     console.print(table)
     if any(m["layer4"] == "fresh" for m in doc["models"]):
@@ -80,49 +88,97 @@ def finetune(
 
 def evaluate(
     files: Annotated[list[Path], typer.Argument(
-        metavar="SCORES... ACCURACIES",
-        help="One or more `rank --json`/`score --json` files, then the `finetune` results.")],
+        metavar="SCORES... ACCURACIES [SCORES... ACCURACIES]...",
+        help="Per target: one or more `rank --json`/`score --json` files of DATA/train, then the "
+             "`finetune` results of that DATA. Several targets: repeat the group; the means "
+             "over targets are added.")],
     figure: Annotated[Path | None, typer.Option(
-        help="PNG of scores against accuracy, a panel per metric (default: ACCURACIES with "
-             "the suffix .png).")] = None,
+        help="The figure's PNG (one target; default: ACCURACIES with the suffix .png), or with "
+             "several targets a folder for <target>.png (default: beside each ACCURACIES).")
+    ] = None,
     no_figure: Annotated[bool, typer.Option("--no-figure", help="Draw no figure.")] = False,
+    bootstrap: Annotated[int, typer.Option(
+        help="Bootstrap replicates for the 95% intervals (over fine-tuning seeds, and over "
+             "targets for the means).", min=100)] = 1000,
     json_out: Annotated[str | None, typer.Option(
         "--json", metavar="PATH|-", help="Also write the evaluation ('-' for stdout).")] = None,
 ) -> None:
     """Compare rankings with fine-tuned accuracy: tau_w, Kendall tau, Pearson, rel@1, rel@3.
 
-    Prints a table (one row per metric), writes --json and a figure of scores against accuracy.
+    Each with a 95% bootstrap interval over the fine-tuning seeds; a metric is called better
+    than another only where the interval of their difference in tau_w excludes 0. Prints a table
+    per target (and the means over targets), writes --json and a figure per target of scores
+    against accuracy (error bars: the seeds' spread).
     """
     from rich.table import Table
 
     from ddscore_jax import evaluate as ev
     from ddscore_jax.cli.app import _write_json, console
 
-    if len(files) < 2:
-        raise InputError("evaluate: needs at least one SCORES file and then the ACCURACIES file")
-    *scores, accuracies = files
-    result = ev.evaluate(scores, accuracies)
-    table = Table(title=f"rankings against fine-tuned accuracy ({accuracies})")
-    table.add_column("metric")
-    table.add_column("models", justify="right")
-    for col in ("tau_w", "Kendall tau", "Pearson", *(f"rel@{k}" for k in ev.REL_AT)):
-        table.add_column(col, justify="right")
+    groups = ev.group_files(files)
+    summary = ev.evaluate_targets(groups, n_boot=bootstrap)
+    stat_names = ("tau_w", "Kendall tau", "Pearson", *(f"rel@{k}" for k in ev.REL_AT))
 
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:+.3f}"
+    def fmt(value: float | None, interval: tuple[float, float] | None, signed: bool) -> str:
+        if value is None:
+            return "n/a"
+        text = f"{value:+.3f}" if signed else f"{value:.3f}"
+        if interval is not None:
+            text += f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if signed else \
+                f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+        return text
 
-    for m in result.metrics:
-        table.add_row(ev.label(m.metric), str(m.n_models), fmt(m.weighted_tau),
-                      fmt(m.kendall_tau), fmt(m.pearson),
-                      *(("n/a" if m.rel_at[k] is None else f"{m.rel_at[k]:.3f}")
-                        for k in ev.REL_AT))
-    console.print(table)
-    for metric, names in result.dropped.items():
-        console.print(f"{ev.label(metric)}: no accuracy for {', '.join(names)} (left out)")
-    doc = result.to_json()
+    for (_, accuracies), result in zip(groups, summary.targets, strict=True):
+        seeds = sorted({k for m in result.metrics for k in m.seeds})
+        table = Table(title=f"target {result.target}: rankings against fine-tuned accuracy "
+                            f"({accuracies})",
+                      caption=f"95% bootstrap intervals over {'/'.join(map(str, seeds))} "
+                              "fine-tuning seed(s) per model" if max(seeds) > 1 else
+                      "one fine-tuning seed per model: no intervals (finetune --seeds N)")
+        table.add_column("metric")
+        table.add_column("models", justify="right")
+        for col in stat_names:
+            table.add_column(col, justify="right")
+        for m in result.metrics:
+            table.add_row(ev.label(m.metric), str(m.n_models),
+                          *(fmt(m.value(k), m.intervals.get(k), not k.startswith("rel@"))
+                            for k in ev.STATISTICS))
+        console.print(table)
+        for a, b in result.better:
+            console.print(f"  {ev.label(a)} ranks better than {ev.label(b)} (tau_w, 95% "
+                          "interval of the difference above 0)")
+        for metric, names in result.dropped.items():
+            console.print(f"{ev.label(metric)}: no accuracy for {', '.join(names)} (left out)")
+    if len(summary.targets) > 1:
+        table = Table(title=f"mean over {len(summary.targets)} targets",
+                      caption="95% bootstrap intervals over targets and seeds")
+        table.add_column("metric")
+        for col in stat_names:
+            table.add_column(col, justify="right")
+        for metric, values in summary.mean.items():
+            table.add_row(ev.label(metric),
+                          *(fmt(*values[k], not k.startswith("rel@")) for k in ev.STATISTICS))
+        console.print(table)
+        for a, b in summary.better:
+            console.print(f"  over the targets, {ev.label(a)} ranks better than {ev.label(b)}")
+    if len(summary.targets) == 1:
+        doc = summary.targets[0].to_json()
+    else:
+        doc = summary.to_json()
     if not no_figure:
-        path = ev.plot(result, figure or accuracies.with_suffix(".png"),
-                       title=f"scores vs fine-tuned accuracy: {accuracies.name}")
-        console.print(f"figure: {path}")
-        doc["figure"] = str(path)
+        paths = []
+        for (_, accuracies), result in zip(groups, summary.targets, strict=True):
+            if figure is None:
+                path = accuracies.with_suffix(".png")
+            elif len(groups) == 1:
+                path = figure
+            else:
+                path = figure / f"{result.target}.png"
+            paths.append(str(ev.plot(result, path, title=f"target {result.target}: scores vs "
+                                                       f"fine-tuned accuracy")))
+            console.print(f"figure: {paths[-1]}")
+        if len(paths) == 1:
+            doc["figure"] = paths[0]
+        else:
+            doc["figures"] = paths
     _write_json(doc, json_out)

@@ -18,8 +18,8 @@ from ddscore_jax.extract import (
     load_features,
     save_features,
 )
-from ddscore_jax.metrics import METRICS
-from ddscore_jax.metrics import score_models as score_with
+from ddscore_jax.metrics import METRICS, score_all
+from ddscore_jax.metrics import Progress as ScoreProgress
 from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.score import RCOND, ModelScore, precision_for
 
@@ -38,7 +38,9 @@ class Ranking:
             "models": [
                 {"name": m.name, "rank": i + 1, "score": _finite(m.score),
                  "block_scores": m.block_scores,
-                 "metrics": {k: _finite(v) for k, v in m.metrics.items()}}
+                 "metrics": {k: _finite(v) for k, v in m.metrics.items()},
+                 "metric_block_scores": {k: {b: _finite(v) for b, v in blocks.items()}
+                                         for k, blocks in m.metric_block_scores.items()}}
                 for i, m in enumerate(self.models)
             ],
             "dataset": self.dataset,
@@ -98,9 +100,11 @@ def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str |
 
 
 def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: int = 0,
-          precision: str | None = None, metrics: Sequence[str] = ("ddscore",)) -> Ranking:
+          precision: str | None = None, metrics: Sequence[str] = ("ddscore",),
+          progress: ScoreProgress | None = None) -> Ranking:
     """D-deepscore (or ``metrics``) of every ``*.npz`` feature file in ``feats_dir`` (all from one
-    data set). Metrics that need the source classifier (LEEP, NCE) need ``rank``."""
+    data set). Metrics that need the source classifier (LEEP, NCE) need ``rank``. ``progress``
+    hears when the metrics compile (once per feature shape, all metrics together) and run."""
     _check_options(train_fraction, 224)
     metrics = check_metrics(metrics)
     for m in metrics:
@@ -121,7 +125,7 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: in
             raise InputError(f"{path}: features are of another data set than {files[0].name}")
     precision = precision or precision_for()
     ranked = _score({f.name: f.features for f in loaded}, first.labels, train_fraction, seed,
-                    precision, str(feats_dir), metrics)
+                    precision, str(feats_dir), metrics, progress=progress)
     dataset = {"root": str(feats_dir), "n_images": int(len(first.labels)),
                "classes": [str(c) for c in first.classes]}
     return Ranking(ranked, dataset, _settings(train_fraction, seed, None, precision,
@@ -137,44 +141,22 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
     return names or ["ddscore"]
 
 
-def _by_width(inputs: dict, head: bool) -> list[dict]:
-    """``inputs`` split into groups of models whose features have the same width (head metrics
-    take any mix of widths in one call)."""
-    if head:
-        return [inputs] if inputs else []
-    groups: dict[tuple, dict] = {}
-    for name, feats in inputs.items():
-        key = tuple(sorted((b, np.shape(v)[-1]) for b, v in feats.items()))
-        groups.setdefault(key, {})[name] = feats
-    return list(groups.values())
-
-
 def _score(features, labels, train_fraction, seed, precision, where, metrics=("ddscore",),
-           head_probs=None) -> list[ModelScore]:
+           head_probs=None, progress=None) -> list[ModelScore]:
     """Every model under every metric; ranked by the first metric (models it cannot score last)."""
-    names = list(features)
-    results: dict[str, dict[str, ModelScore]] = {}
     try:
-        for metric in metrics:
-            inputs = features
-            if METRICS[metric].needs_head:
-                inputs = {n: p for n, p in (head_probs or {}).items() if p is not None}
-            results[metric] = {}
-            # A zoo may mix feature sizes (256-d BasicBlock, 1024-d Bottleneck nets): each model
-            # is scored on its own features, models of one size together (one stacked call).
-            for group in _by_width(inputs, METRICS[metric].needs_head):
-                ranked = score_with(group, labels, metric=metric, train_fraction=train_fraction,
-                                    seed=seed, precision=precision)
-                results[metric].update({r.name: r for r in ranked})
+        results = score_all(features, labels, metrics, head_probs=head_probs,
+                            train_fraction=train_fraction, seed=seed, precision=precision,
+                            progress=progress)
     except ValueError as e:
         raise InputError(f"{where}: {e}") from None
-    primary = results[metrics[0]]
     out = []
-    for name in names:
-        first = primary.get(name)
+    for name in features:
+        first = results[metrics[0]].get(name)
         out.append(ModelScore(
             name, first.score if first else float("nan"), first.block_scores if first else {},
-            {m: results[m][name].score if name in results[m] else float("nan") for m in metrics}))
+            {m: results[m][name].score if name in results[m] else float("nan") for m in metrics},
+            {m: results[m][name].block_scores for m in metrics if name in results[m]}))
     # NaN (no source classifier for LEEP/NCE) sorts last.
     return sorted(out, key=lambda r: (np.isnan(r.score), -np.nan_to_num(r.score)))
 
@@ -247,7 +229,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
     ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root),
-                    metrics, head_probs)
+                    metrics, head_probs, progress)
     info = {"root": str(Path(data_root).resolve()), "n_images": len(dataset),
             "classes": list(dataset.classes)}
     return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision, dtype,

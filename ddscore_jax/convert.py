@@ -1,58 +1,130 @@
-"""``convert``: checkpoint files -> zoo entries, all or nothing."""
+"""``convert``: checkpoints -> zoo entries, each checkpoint on its own.
+
+A source is a checkpoint file, a model folder (a hub snapshot: one model, named after the folder)
+or a folder of checkpoints (each file, and each model folder, directly inside it). Every checkpoint
+is read, checked and added to the zoo whole or not at all; one that is refused is reported in one
+line and does not stop the others.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddscore_jax import zoo
-from ddscore_jax.converters import SUFFIXES, load_checkpoint, source_format
+from ddscore_jax.converters import (
+    SUFFIXES,
+    checkpoint_stem,
+    is_model_folder,
+    load_source,
+)
+from ddscore_jax.converters.files import HUB_CONFIG, checkpoint_suffix, model_folder_weights
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import Progress
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# In a folder of checkpoints a bare ".tar" is more often a data archive than a checkpoint.
+_FOLDER_SKIPS = (".tar",)
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` did: models written, models already there unchanged, and one line per
+    refused checkpoint (naming the file and the reason)."""
+
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
 
 def expand_sources(sources: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files to convert: each file as given, each folder as the checkpoints directly inside it."""
-    files: list[Path] = []
+    """Checkpoints to convert: each file as given, a model folder as itself, and a folder of
+    checkpoints as the checkpoint files and model folders directly inside it. A source that does
+    not exist is kept, to be refused on its own."""
+    found: list[Path] = []
     for src in map(Path, sources):
-        if src.is_dir():
-            found = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
-            if not found:
-                raise InputError(f"{src}: folder has no checkpoints ({', '.join(SUFFIXES)})")
-            files += found
-        elif src.exists():
-            files.append(src)
+        if src.is_dir() and not is_model_folder(src):
+            inside = sorted(p for p in src.iterdir() if not p.name.startswith(".") and (
+                is_model_folder(p) if p.is_dir()
+                else checkpoint_suffix(p) not in (None, *_FOLDER_SKIPS)))
+            if not inside:
+                raise InputError(f"{src}: folder has no checkpoints ({', '.join(SUFFIXES)}, "
+                                 f"or model folders with {HUB_CONFIG})")
+            found += inside
         else:
-            raise InputError(f"{src}: no such file or folder")
-    return files
+            found.append(src)
+    return found
+
+
+def source_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file; for a model folder, of its config and weights files."""
+    if not path.is_dir():
+        return zoo.sha256_file(path)
+    weights = model_folder_weights(path)
+    files = [path / HUB_CONFIG, weights]
+    if weights.name.endswith(".index.json"):
+        try:
+            shards = json.loads(weights.read_text())["weight_map"].values()
+            files += sorted({path / Path(s).name for s in shards})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{weights}: not a sharded-checkpoint index ({e})") from None
+    h = hashlib.sha256()
+    for f in files:
+        if not f.is_file():
+            raise InputError(f"{f}: missing from model folder {path}")
+        h.update(f"{f.name}\0{zoo.sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def convert_sources(sources: Sequence[str | os.PathLike], zoo_dir: str | os.PathLike, *,
                     name: str | None = None, overwrite: bool = False,
-                    progress: Progress | None = None) -> tuple[list[str], list[str]]:
-    """Import every source into ``zoo_dir``. Returns (names written, names already there).
+                    progress: Progress | None = None) -> ConvertResult:
+    """Import every checkpoint of ``sources`` into ``zoo_dir``, each whole or not at all.
 
-    Every file is read and checked before anything is written, so a bad file leaves the zoo as it
-    was.
+    Usage errors (``name`` with several checkpoints, two checkpoints that would get one name, an
+    empty folder) raise InputError before anything is written; a checkpoint that cannot be
+    imported is listed in ``refused`` and the others are still added.
     """
-    files = expand_sources(sources)
-    if name is not None and len(files) != 1:
-        raise InputError(f"--name {name!r} needs exactly one source checkpoint, got {len(files)}")
-    additions = []
-    for i, path in enumerate(files):
-        model_name = name if name is not None else path.stem
-        if not _NAME.match(model_name):
-            raise InputError(f"{path}: {model_name!r} is not a usable model name "
-                             "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
-        fmt = source_format(path)
-        imported = load_checkpoint(path)
-        additions.append(zoo.Addition(model_name, path.resolve(), fmt, zoo.sha256_file(path),
-                                      imported))
+    paths = expand_sources(sources)
+    if name is not None and len(paths) != 1:
+        raise InputError(f"--name {name!r} needs exactly one source checkpoint, got {len(paths)}")
+    names = [name if name is not None else checkpoint_stem(p) for p in paths]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        clash = [str(p) for p, n in zip(paths, names, strict=True) if n == dupes[0]]
+        raise InputError(f"{' and '.join(clash)}: several checkpoints would get the name "
+                         f"{dupes[0]!r}; convert them one at a time with --name")
+    # Read once up front: a zoo this version cannot extend stops the command before any file.
+    known = {e.name: e.sha256 for e in zoo.read(zoo_dir, allow_missing=True)}
+    result = ConvertResult()
+    for i, (path, model_name) in enumerate(zip(paths, names, strict=True)):
+        try:
+            result.written += _convert_one(path, model_name, zoo_dir, overwrite, known)
+            if model_name not in result.written:
+                result.unchanged.append(model_name)
+        except InputError as e:
+            result.refused.append(" ".join(str(e).split()))
         if progress:
-            progress("reading checkpoints", i + 1, len(files))
-    written = zoo.add(zoo_dir, additions, overwrite=overwrite)
-    return written, [a.name for a in additions if a.name not in written]
+            progress("converting checkpoints", i + 1, len(paths))
+    return result
+
+
+def _convert_one(path: Path, model_name: str, zoo_dir: str | os.PathLike, overwrite: bool,
+                 known: dict[str, str]) -> list[str]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if not _NAME.match(model_name):
+        raise InputError(f"{path}: {model_name!r} is not a usable model name "
+                         "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
+    sha256 = source_sha256(path)
+    if known.get(model_name) == sha256:
+        return []  # the same bytes under the same name: already in the zoo, nothing to read
+    loaded = load_source(path)
+    addition = zoo.Addition(model_name, path.resolve(), loaded.source_format, sha256,
+                            loaded.model)
+    return zoo.add(zoo_dir, [addition], overwrite=overwrite)

@@ -11,13 +11,15 @@ float32 with the same operations in the same order as ``torchvision.transforms``
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import stat
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ddscore_jax.errors import InputError
+from ddscore_jax.errors import InputError, InputWarning
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -38,22 +40,116 @@ class Dataset:
         return len(self.paths)
 
 
-def _image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+def readable(name: str) -> str:
+    """``name`` fit to print or write as UTF-8: bytes that did not decode (held by Python as
+    surrogate escapes) become ``\\xNN``. Paths keep their raw form for opening files."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class _Walk:
+    """What one scan has seen: real folders and files by (device, inode), so a symlink loop or
+    a second link to the same folder or image is walked and counted once."""
+
+    dirs: set[tuple[int, int]] = field(default_factory=set)
+    files: set[tuple[int, int]] = field(default_factory=set)
+    repeated_dirs: list[str] = field(default_factory=list)
+    repeated_files: int = 0
+    not_regular: list[str] = field(default_factory=list)
+
+    def claim(self, path: str | os.PathLike) -> None:
+        st = os.stat(path)
+        self.dirs.add((st.st_dev, st.st_ino))
+
+    def first_visit(self, path: str) -> bool:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in self.dirs:
+            self.repeated_dirs.append(path)
+            return False
+        self.dirs.add(key)
+        return True
+
+    def warn(self, root: Path) -> None:
+        if self.repeated_dirs:
+            first = readable(os.path.relpath(self.repeated_dirs[0], root))
+            warnings.warn(InputWarning(
+                f"{root}: {len(self.repeated_dirs)} symlinked folder(s) lead to a folder already "
+                f"read (a loop or a second link, e.g. {first}); each image is counted once"),
+                stacklevel=3)
+        if self.repeated_files:
+            warnings.warn(InputWarning(
+                f"{root}: {self.repeated_files} image link(s) point to an image already counted; "
+                "each image is counted once"), stacklevel=3)
+        if self.not_regular:
+            first = readable(os.path.relpath(self.not_regular[0], root))
+            warnings.warn(InputWarning(
+                f"{root}: skipped {len(self.not_regular)} image name(s) that are not regular files "
+                f"(e.g. {first}: a pipe, socket or device)"), stacklevel=3)
+
+
+def _walk_error(e: OSError) -> None:
+    raise InputError(f"{readable(str(e.filename))}: cannot read folder ({e.strerror})")
+
+
+def _image_file(path: str, seen: _Walk) -> bool:
+    """Whether ``path`` (an image name) is an image to read: a regular file not counted yet.
+
+    Only regular files: opening a FIFO named ``x.png`` would block forever. Symlinks are followed;
+    one that leads nowhere is the user's to fix, so it is an error, not a silent gap."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise InputError(f"{readable(path)}: broken symbolic link (its target "
+                             f"{readable(os.readlink(path))} does not exist)") from None
+        raise
+    except OSError as e:
+        raise InputError(f"{readable(path)}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        seen.not_regular.append(path)
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen.files:
+        seen.repeated_files += 1
+        return False
+    seen.files.add(key)
+    return True
+
+
+def _image_folder(folder: Path, seen: _Walk) -> tuple[list[str], list[tuple[Path, int]]]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise InputError(f"{readable(str(folder))}: cannot read folder ({e.strerror})") from None
+    classes = sorted(e.name for e in entries if e.is_dir())
     if not classes:
-        raise InputError(f"{folder}: no class folders (expected a sub-folder of images per class)")
+        raise InputError(f"{readable(str(folder))}: no class folders (expected a sub-folder of "
+                         "images per class)")
+    # Every class folder is claimed before any is walked: a link from one class to the data root
+    # must not pull another class's images in under the wrong label.
+    seen.claim(folder)
+    for cls in classes:
+        seen.claim(folder / cls)
     samples = []
     for label, cls in enumerate(classes):
         found = 0
-        for root, _, names in sorted(os.walk(folder / cls, followlinks=True)):
+        walked = []
+        # topdown os.walk lets us prune folders already read (loops, repeated links) in place.
+        for root, dirs, names in os.walk(folder / cls, followlinks=True, onerror=_walk_error):
+            dirs[:] = [d for d in dirs if seen.first_visit(os.path.join(root, d))]
+            walked.append((root, names))
+        # ImageFolder's order: sorted(os.walk(...)), names sorted within each folder.
+        for root, names in sorted(walked):
             for name in sorted(names):
-                if name.lower().endswith(IMG_EXTENSIONS):
-                    samples.append((Path(root) / name, label))
+                path = os.path.join(root, name)
+                if name.lower().endswith(IMG_EXTENSIONS) and _image_file(path, seen):
+                    samples.append((Path(path), label))
                     found += 1
         if not found:
-            raise InputError(f"{folder / cls}: class folder has no images "
+            raise InputError(f"{readable(str(folder / cls))}: class folder has no images "
                              f"({', '.join(IMG_EXTENSIONS)})")
-    return classes, samples
+    return [readable(c) for c in classes], samples
 
 
 def scan(root: str | os.PathLike) -> Dataset:
@@ -64,17 +160,20 @@ def scan(root: str | os.PathLike) -> Dataset:
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     splits = [root / s for s in SPLITS if (root / s).is_dir()]
+    seen = _Walk()
+    seen.claim(root)
     if not splits:
-        classes, samples = _image_folder(root)
+        classes, samples = _image_folder(root, seen)
     else:
         classes, samples = None, []
         for split in splits:
-            split_classes, split_samples = _image_folder(split)
+            split_classes, split_samples = _image_folder(split, seen)
             if classes is not None and split_classes != classes:
                 raise InputError(f"{split}: classes {split_classes} differ from those of "
                                  f"{splits[0]} {classes}")
             classes = split_classes
             samples += split_samples
+    seen.warn(root)
     if len(classes) < 2:
         raise InputError(f"{root}: only one class ({classes[0]}); D-deepscore needs at least 2")
     return Dataset(
@@ -89,9 +188,15 @@ def load_image(path: str | os.PathLike, image_size: int = 224) -> np.ndarray:
     """One image as (image_size, image_size, 3) float32, normalised. InputError names a bad file."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            return preprocess(img, image_size)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: cannot read image ({e})") from None
+
+
+def preprocess(img: Image.Image, image_size: int) -> np.ndarray:
+    """A Pillow image -> (image_size, image_size, 3) float32: RGB, bilinear resize, /255, ImageNet
+    normalisation. The one preprocessing: files (:func:`load_image`) and in-memory images alike."""
+    rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
     # Same float32 operations in the same order as ToTensor() and Normalize().
     x = np.asarray(rgb, dtype=np.float32) / np.float32(255)
     return (x - MEAN) / STD

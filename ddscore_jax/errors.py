@@ -6,3 +6,8 @@ class InputError(Exception):
 
     Messages name the file first and then the problem, e.g. ``"model.pth: truncated checkpoint"``.
     """
+
+
+class InputWarning(UserWarning):
+    """Something in the input the run worked around (and says so): the CLI prints it as one line,
+    ``warning: <message>``, and carries on."""

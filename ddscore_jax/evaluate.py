@@ -13,6 +13,16 @@ Per metric, over the models that have both a score and an accuracy:
   file, which is its ranking.
 
 A correlation that is undefined (fewer than two models, or a constant input) is ``None``.
+
+Each statistic has a 95% percentile bootstrap interval over the fine-tuning seeds: each replicate
+draws, for every model independently, as many of its seed accuracies as it has, with
+replacement, and recomputes the statistic on the mean accuracies (the point estimate uses the
+mean over all seeds). Every metric of a target sees the same replicates, so two metrics are
+compared on the paired differences: metric A is called better than B (on tau_w) only when the
+95% interval of tau_w(A) - tau_w(B) lies above 0. Over several targets the mean of a statistic
+gets a two-level interval: each replicate resamples the targets with replacement and, within
+each target drawn, takes that target's seed replicate. With one seed per model there is no
+per-target interval (``None``), and the mean's interval comes from the targets alone.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +42,9 @@ from ddscore_jax.errors import InputError
 
 REL_AT = (1, 3)
 DEFAULT_METRIC = "ddscore"
+BOOTSTRAP = 1000  # replicates per interval
+CONFIDENCE = 0.95
+BOOTSTRAP_SEED = 0
 # Names for figure titles and tables; unknown metrics are shown as they are named.
 LABELS = {"ddscore": "D-deepscore", "hscore": "H-score", "shrinkage_hscore": "shrinkage H-score",
           "logme": "LogME", "transrate": "TransRate", "gbc": "GBC", "knn": "1-NN accuracy",
@@ -47,6 +60,9 @@ class MetricScores:
     source: str  # the file it came from
 
 
+STATISTICS = ("weighted_tau", "kendall_tau", "pearson", *(f"rel@{k}" for k in REL_AT))
+
+
 @dataclass
 class MetricEvaluation:
     metric: str
@@ -57,15 +73,31 @@ class MetricEvaluation:
     rel_at: dict[int, float | None]
     models: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
-    accuracies: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # mean over seeds
+    accuracy_sd: list[float] = field(default_factory=list)  # over seeds (0 with one seed)
+    seeds: list[int] = field(default_factory=list)  # seeds per model
+    # 95% bootstrap interval per statistic (STATISTICS); None without seed spread or undefined.
+    intervals: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    # Bootstrap replicates per statistic (NaN where undefined): for the paired comparisons and
+    # the mean over targets, not written out.
+    replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def value(self, statistic: str) -> float | None:
+        if statistic.startswith("rel@"):
+            return self.rel_at.get(int(statistic[4:]))
+        return getattr(self, statistic)
 
     def to_json(self) -> dict:
         return {"metric": self.metric, "n_models": self.n_models,
                 "weighted_tau": self.weighted_tau, "kendall_tau": self.kendall_tau,
                 "pearson": self.pearson,
                 **{f"rel@{k}": v for k, v in self.rel_at.items()},
-                "models": [{"name": n, "score": s, "accuracy": a} for n, s, a in
-                           zip(self.models, self.scores, self.accuracies, strict=True)]}
+                "intervals": {k: None if v is None else list(v)
+                              for k, v in self.intervals.items()},
+                "models": [{"name": n, "score": s, "accuracy": a, "accuracy_sd": sd,
+                            "seeds": k}
+                           for n, s, a, sd, k in zip(self.models, self.scores, self.accuracies,
+                                                     self.accuracy_sd, self.seeds, strict=True)]}
 
 
 def _read_json(path: Path) -> object:
@@ -123,26 +155,46 @@ def read_scores(path: str | os.PathLike) -> tuple[list[MetricScores], dict]:
     return [MetricScores(k, v, str(path)) for k, v in found.items()], dataset
 
 
-def read_accuracies(path: str | os.PathLike) -> tuple[dict[str, float], dict]:
-    """``{model: held-out accuracy}`` from a ``finetune`` results file, and its ``dataset``.
+def _seed_values(entry: dict) -> list[float] | None:
+    """A model's held-out accuracy per fine-tuning seed, wherever a results file keeps them."""
+    # `finetune` writes "seed_accuracies" (numbers; its "seeds" are the seed numbers). Lists of
+    # run objects under "seeds" or "runs" are read too; numbers there are not accuracies.
+    for key in ("seed_accuracies", "accuracies", "seeds", "runs"):
+        runs = entry.get(key)
+        if not isinstance(runs, list) or not runs:
+            continue
+        if key in ("seeds", "runs"):
+            values = [_number(r.get("held_out_accuracy", r.get("accuracy")))
+                      if isinstance(r, dict) else None for r in runs]
+        else:
+            values = [_number(r) for r in runs]
+        if all(v is not None for v in values):
+            return values
+    single = _number(entry.get("held_out_accuracy", entry.get("accuracy")))
+    return None if single is None else [single]
+
+
+def read_seed_accuracies(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """``{model: held-out accuracy per fine-tuning seed}`` from a ``finetune`` results file, and
+    its ``dataset``. A model with one accuracy (one seed, or an older file) has one value.
 
     Also takes ``{"models": [{"name", "accuracy"}]}`` or a plain ``{name: accuracy}`` object.
     """
     path = Path(path)
     doc = _read_json(path)
-    acc: dict[str, float] = {}
+    acc: dict[str, np.ndarray] = {}
     dataset: dict = {}
     if isinstance(doc, dict) and isinstance(doc.get("models"), list):
         dataset = doc.get("dataset") if isinstance(doc.get("dataset"), dict) else {}
         for m in doc["models"]:
             if not isinstance(m, dict) or not isinstance(m.get("name"), str):
                 raise InputError(f"{path}: every model needs a \"name\"")
-            value = _number(m.get("held_out_accuracy", m.get("accuracy")))
-            if value is None:
+            values = _seed_values(m)
+            if values is None:
                 raise InputError(f"{path}: model {m['name']!r} has no numeric accuracy")
-            acc[m["name"]] = value
+            acc[m["name"]] = np.asarray(values, dtype=np.float64)
     elif isinstance(doc, dict) and doc and all(_number(v) is not None for v in doc.values()):
-        acc = {str(k): _number(v) for k, v in doc.items()}
+        acc = {str(k): np.array([_number(v)]) for k, v in doc.items()}
     else:
         raise InputError(f"{path}: not an accuracies file (expected `finetune` results)")
     if not acc:
@@ -150,42 +202,167 @@ def read_accuracies(path: str | os.PathLike) -> tuple[dict[str, float], dict]:
     return acc, dataset
 
 
-def _statistic(fn, x: np.ndarray, y: np.ndarray) -> float | None:
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    with warnings.catch_warnings():
+def read_accuracies(path: str | os.PathLike) -> tuple[dict[str, float], dict]:
+    """``{model: held-out accuracy (mean over seeds)}`` and the ``dataset`` of a results file."""
+    acc, dataset = read_seed_accuracies(path)
+    return {k: float(v.mean()) for k, v in acc.items()}, dataset
+
+
+def is_accuracies_file(path: str | os.PathLike) -> bool:
+    """Whether a JSON file holds fine-tuned accuracies rather than scores (its models have no
+    ``score``), which is how ``evaluate`` tells where one target's files end."""
+    doc = _read_json(Path(path))
+    if not isinstance(doc, dict):
+        return False
+    models = doc.get("models")
+    if isinstance(models, list):
+        return bool(models) and not any(
+            isinstance(m, dict) and ("score" in m or "metrics" in m or "scores" in m)
+            for m in models)
+    return bool(doc) and all(_number(v) is not None for v in doc.values())
+
+
+def _point_statistics(s: np.ndarray, a: np.ndarray, order: np.ndarray,
+                      rel_at: Sequence[int]) -> dict[str, float | None]:
+    # The same code as the replicates, so that a point and its interval agree to the last bit.
+    values = _replicate_statistics(s, a[None, :], order, rel_at)
+    return {k: float(v[0]) if np.isfinite(v[0]) else None for k, v in values.items()}
+
+
+def _replicate_statistics(s: np.ndarray, reps: np.ndarray, order: np.ndarray,
+                          rel_at: Sequence[int]) -> dict[str, np.ndarray]:
+    """Every statistic of ``s`` against each row of ``reps`` (B, models); NaN where undefined."""
+    b, m = reps.shape
+    out: dict[str, np.ndarray] = {}
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore")
-        value = float(fn(x, y).statistic)
-    return value if math.isfinite(value) else None
+        constant = np.ptp(reps, axis=1) == 0 if m else np.ones(b, bool)
+        if m < 2 or np.ptp(s) == 0:
+            nan = np.full(b, np.nan)
+            out.update(weighted_tau=nan, kendall_tau=nan.copy(), pearson=nan.copy())
+        else:
+            # scipy's weightedtau (defaults), kendalltau (tau-b) and pearsonr written out,
+            # vectorised over the replicates; tests hold them to scipy's.
+            x = np.broadcast_to(s, reps.shape)
+            out["weighted_tau"] = (_weighted_tau(x, reps, _lex_rank(x, reps))
+                                   + _weighted_tau(reps, x, _lex_rank(reps, x))) / 2
+            iu = np.triu_indices(m, 1)
+            ds = np.sign(s[:, None] - s[None, :])[iu]  # (pairs,)
+            da = np.sign(reps[:, :, None] - reps[:, None, :])[:, iu[0], iu[1]]  # (B, pairs)
+            out["kendall_tau"] = (da @ ds) / np.sqrt(np.sum(ds**2) * np.sum(da**2, axis=1))
+            sc = s - s.mean()
+            rc = reps - reps.mean(axis=1, keepdims=True)
+            out["pearson"] = (rc @ sc) / np.sqrt(np.sum(sc**2) * np.sum(rc**2, axis=1))
+            for key in ("weighted_tau", "kendall_tau", "pearson"):
+                out[key] = np.where(constant, np.nan, np.clip(out[key], -1.0, 1.0))
+        best = reps.max(axis=1) if m else np.zeros(b)
+        for k in rel_at:
+            top = reps[:, order[:k]].max(axis=1) if m else np.zeros(b)
+            out[f"rel@{k}"] = np.where(best > 0, top / np.where(best > 0, best, 1.0), np.nan)
+    return out
 
 
-def evaluate_metric(scores: dict[str, float], accuracies: dict[str, float],
+def _lex_rank(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """Per row, rank 0 for the largest (primary, secondary): scipy's ``weightedtau`` importance
+    rank (the inverse of the reversed stable lexicographic sort)."""
+    order = np.argsort(secondary, axis=1, kind="stable")
+    order = np.take_along_axis(order, np.argsort(np.take_along_axis(primary, order, 1), axis=1,
+                                                 kind="stable"), 1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order[:, ::-1], np.broadcast_to(np.arange(order.shape[1]),
+                                                            order.shape), 1)
+    return rank
+
+
+def _weighted_tau(x: np.ndarray, y: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Vigna's weighted tau per row with hyperbolic weights 1 / (rank + 1), additive over pairs,
+    ties as in tau-b: scipy's ``_weightedrankedtau`` as a sum over all pairs."""
+    w = 1.0 / (rank + 1.0)
+    i, j = np.triu_indices(x.shape[1], 1)
+    pair = w[:, i] + w[:, j]
+    sx, sy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
+    return np.sum(pair * sx * sy, 1) / np.sqrt(np.sum(pair * np.abs(sx), 1)
+                                               * np.sum(pair * np.abs(sy), 1))
+
+
+def _interval(values: np.ndarray) -> tuple[float, float] | None:
+    """The central ``CONFIDENCE`` percentile interval of bootstrap replicates; None when more than
+    the excluded tail share of them is undefined."""
+    finite = values[np.isfinite(values)]
+    if len(finite) < CONFIDENCE * len(values) or not len(finite):
+        return None
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def accuracy_replicates(seed_accuracies: Mapping[str, np.ndarray], n_boot: int = BOOTSTRAP,
+                        seed: int = BOOTSTRAP_SEED) -> dict[str, np.ndarray]:
+    """``{model: (n_boot,) bootstrap means of its seed accuracies}``: each replicate draws as many
+    seeds as the model has, with replacement, independently per model."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, values in seed_accuracies.items():
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        draws = rng.integers(0, len(values), size=(n_boot, len(values)))
+        out[name] = values[draws].mean(axis=1)
+    return out
+
+
+def evaluate_metric(scores: dict[str, float],
+                    accuracies: Mapping[str, float | Sequence[float] | np.ndarray],
                     metric: str = DEFAULT_METRIC,
-                    rel_at: Sequence[int] = REL_AT) -> MetricEvaluation:
+                    rel_at: Sequence[int] = REL_AT, *,
+                    replicates: Mapping[str, np.ndarray] | None = None,
+                    n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> MetricEvaluation:
     """Compare one metric's scores with accuracies over the models both have.
 
-    The models keep the order of ``scores`` (a ranking lists them best first), which decides
-    ties in ``rel@k``.
+    ``accuracies[name]`` is one accuracy or one per fine-tuning seed; the statistics use the mean,
+    the intervals a bootstrap over the seeds (``replicates``, from :func:`accuracy_replicates`,
+    when several metrics must share them; drawn here from ``seed`` otherwise). The models keep
+    the order of ``scores`` (a ranking lists them best first), which decides ties in ``rel@k``.
     """
-    from scipy import stats
-
-    names = [n for n in scores if n in accuracies]
+    per_seed = {n: np.asarray(v, dtype=np.float64).reshape(-1) for n, v in accuracies.items()}
+    names = [n for n in scores if n in per_seed]
     s = np.array([scores[n] for n in names], dtype=np.float64)
-    a = np.array([accuracies[n] for n in names], dtype=np.float64)
-    rel: dict[int, float | None] = {}
-    # Stable sort: equal scores stay in file order.
-    order = np.argsort(-s, kind="stable")
-    for k in rel_at:
-        if not len(names) or a.max() <= 0:
-            rel[k] = None
-        else:
-            rel[k] = float(a[order[:k]].max() / a.max())
+    a = np.array([per_seed[n].mean() for n in names], dtype=np.float64)
+    seeds = [len(per_seed[n]) for n in names]
+    sd = [float(per_seed[n].std(ddof=1)) if len(per_seed[n]) > 1 else 0.0 for n in names]
+    order = np.argsort(-s, kind="stable")  # stable: equal scores stay in file order
+    point = _point_statistics(s, a, order, rel_at)
+    if replicates is None:
+        replicates = accuracy_replicates({n: per_seed[n] for n in names}, n_boot, seed)
+    reps = (np.stack([replicates[n] for n in names], axis=1) if names
+            else np.zeros((n_boot, 0)))
+    spread = any(k > 1 for k in seeds)
+    boot = _replicate_statistics(s, reps, order, rel_at)
+    if not spread:  # nothing to resample: the replicates are the point value itself
+        boot = {k: np.full(len(reps), np.nan if v is None else v) for k, v in point.items()}
+    intervals = {k: _interval(boot[k]) if spread and point[k] is not None else None
+                 for k in point}
     return MetricEvaluation(
         metric=metric, n_models=len(names),
-        weighted_tau=_statistic(stats.weightedtau, s, a),
-        kendall_tau=_statistic(stats.kendalltau, s, a),
-        pearson=_statistic(stats.pearsonr, s, a),
-        rel_at=rel, models=names, scores=s.tolist(), accuracies=a.tolist())
+        weighted_tau=point["weighted_tau"], kendall_tau=point["kendall_tau"],
+        pearson=point["pearson"], rel_at={k: point[f"rel@{k}"] for k in rel_at},
+        models=names, scores=s.tolist(), accuracies=a.tolist(), accuracy_sd=sd, seeds=seeds,
+        intervals=intervals, replicates=boot)
+
+
+def _better(metrics: Sequence[MetricEvaluation], statistic: str = "weighted_tau"
+            ) -> list[tuple[str, str]]:
+    """Pairs (A, B) where the 95% interval of statistic(A) - statistic(B), over shared bootstrap
+    replicates, lies above 0. Only metrics evaluated on the same models are compared."""
+    pairs = []
+    for x in metrics:
+        for y in metrics:
+            if x is y or x.models != y.models:
+                continue
+            if x.intervals.get(statistic) is None or y.intervals.get(statistic) is None:
+                continue  # no spread to judge by (one seed), or undefined
+            diff = _interval(x.replicates[statistic] - y.replicates[statistic])
+            if diff is not None and diff[0] > 0:
+                pairs.append((x.metric, y.metric))
+    return pairs
 
 
 @dataclass
@@ -194,10 +371,13 @@ class Evaluation:
     scores_files: list[str]
     accuracies_file: str
     dropped: dict[str, list[str]]  # per metric: models with a score but no accuracy
+    target: str = ""
+    better: list[tuple[str, str]] = field(default_factory=list)  # (A, B): A's tau_w is higher
 
     def to_json(self) -> dict:
-        return {"metrics": [m.to_json() for m in self.metrics], "scores": self.scores_files,
-                "accuracies": self.accuracies_file,
+        return {"target": self.target, "metrics": [m.to_json() for m in self.metrics],
+                "better_weighted_tau": [list(p) for p in self.better],
+                "scores": self.scores_files, "accuracies": self.accuracies_file,
                 "models_without_accuracy": self.dropped}
 
 
@@ -221,12 +401,19 @@ def _check_no_leak(scores_path: str, scored: dict, finetuned: dict) -> None:
                              f"held-out images of the fine-tuning; score DATA/train only")
 
 
+def _target_name(accuracies_path: str | os.PathLike, dataset: dict) -> str:
+    root = dataset.get("root") if isinstance(dataset, dict) else None
+    return Path(root).name if isinstance(root, str) and root else Path(accuracies_path).stem
+
+
 def evaluate(scores_paths: Sequence[str | os.PathLike],
-             accuracies_path: str | os.PathLike) -> Evaluation:
-    """Evaluate every metric of every SCORES file against the fine-tuned accuracies."""
+             accuracies_path: str | os.PathLike, *, n_boot: int = BOOTSTRAP,
+             seed: int = BOOTSTRAP_SEED) -> Evaluation:
+    """Evaluate every metric of every SCORES file against the fine-tuned accuracies of one target,
+    with bootstrap intervals over its fine-tuning seeds (shared by all metrics)."""
     if not scores_paths:
         raise InputError("evaluate: no SCORES file given")
-    accuracies, finetuned = read_accuracies(accuracies_path)
+    accuracies, finetuned = read_seed_accuracies(accuracies_path)
     all_metrics: list[MetricScores] = []
     for path in scores_paths:
         metrics, scored = read_scores(path)
@@ -237,17 +424,118 @@ def evaluate(scores_paths: Sequence[str | os.PathLike],
     for m in all_metrics:
         if names.count(m.metric) > 1:
             m.metric = f"{m.metric} ({Path(m.source).stem})"
+    replicates = accuracy_replicates(accuracies, n_boot, seed)
     results, dropped = [], {}
     for m in all_metrics:
         missing = [n for n in m.scores if n not in accuracies]
         if missing:
             dropped[m.metric] = missing
-        ev = evaluate_metric(m.scores, accuracies, m.metric)
+        ev = evaluate_metric(m.scores, accuracies, m.metric, replicates=replicates,
+                             n_boot=n_boot, seed=seed)
         if ev.n_models == 0:
             raise InputError(f"{m.source}: no model of metric {m.metric!r} is in "
                              f"{accuracies_path}")
         results.append(ev)
-    return Evaluation(results, [str(p) for p in scores_paths], str(accuracies_path), dropped)
+    return Evaluation(results, [str(p) for p in scores_paths], str(accuracies_path), dropped,
+                      target=_target_name(accuracies_path, finetuned), better=_better(results))
+
+
+@dataclass
+class Summary:
+    """Every target's evaluation and, per metric, the mean of each statistic over the targets
+    with a two-level bootstrap interval (targets, then seeds)."""
+
+    targets: list[Evaluation]
+    # mean[metric][statistic] = (mean over the targets where defined, interval or None)
+    mean: dict[str, dict[str, tuple[float | None, tuple[float, float] | None]]]
+    better: list[tuple[str, str]]  # (A, B): the interval of mean tau_w(A) - tau_w(B) is > 0
+
+    def to_json(self) -> dict:
+        return {"targets": [t.to_json() for t in self.targets],
+                "mean_over_targets": {
+                    m: {k: {"mean": v, "interval": None if iv is None else list(iv)}
+                        for k, (v, iv) in stats_.items()} for m, stats_ in self.mean.items()},
+                "better_mean_weighted_tau": [list(p) for p in self.better]}
+
+
+def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = BOOTSTRAP,
+              seed: int = BOOTSTRAP_SEED) -> Summary:
+    """Means over targets of every statistic, with intervals from resampling the targets (and,
+    inside each target drawn, its seed replicate). All metrics share the target draws."""
+    metrics: list[str] = []
+    for e in evaluations:
+        metrics += [m.metric for m in e.metrics if m.metric not in metrics]
+    rng = np.random.default_rng(seed + 1)
+    draws = rng.integers(0, len(evaluations), size=(n_boot, len(evaluations)))
+    mean: dict[str, dict] = {}
+    boot: dict[str, dict[str, np.ndarray]] = {}
+    for metric in metrics:
+        found = [next((m for m in e.metrics if m.metric == metric), None) for e in evaluations]
+        mean[metric], boot[metric] = {}, {}
+        for statistic in STATISTICS:
+            points = np.array([np.nan if m is None or m.value(statistic) is None
+                               else m.value(statistic) for m in found])
+            if not np.isfinite(points).any():
+                mean[metric][statistic] = (None, None)
+                continue
+            # (targets, n_boot) seed replicates; a target without the statistic stays NaN.
+            reps = np.stack([
+                np.full(n_boot, np.nan) if m is None or statistic not in m.replicates
+                or len(m.replicates[statistic]) != n_boot else m.replicates[statistic]
+                for m in found])
+            picked = reps[draws, np.arange(n_boot)[:, None]]  # (n_boot, targets drawn)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                values = np.nanmean(picked, axis=1)
+            boot[metric][statistic] = values
+            interval = _interval(values) if len(evaluations) > 1 or any(
+                m is not None and m.intervals.get(statistic) for m in found) else None
+            mean[metric][statistic] = (float(np.nanmean(points)), interval)
+    better = []
+    for a in metrics:
+        for b in metrics:
+            if a == b or "weighted_tau" not in boot[a] or "weighted_tau" not in boot[b]:
+                continue
+            if mean[a]["weighted_tau"][1] is None or mean[b]["weighted_tau"][1] is None:
+                continue
+            diff = _interval(boot[a]["weighted_tau"] - boot[b]["weighted_tau"])
+            if diff is not None and diff[0] > 0:
+                better.append((a, b))
+    return Summary(list(evaluations), mean, better)
+
+
+def evaluate_targets(groups: Sequence[tuple[Sequence[str | os.PathLike], str | os.PathLike]],
+                     *, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> Summary:
+    """:func:`evaluate` per target (its SCORES files and its ACCURACIES file), then
+    :func:`summarize` over them. Target names (the data folder's name) are made unique."""
+    evaluations = [evaluate(scores, acc, n_boot=n_boot, seed=seed) for scores, acc in groups]
+    names = [e.target for e in evaluations]
+    for e in evaluations:
+        if names.count(e.target) > 1:
+            e.target = f"{e.target} ({Path(e.accuracies_file).stem})"
+    return summarize(evaluations, n_boot=n_boot, seed=seed)
+
+
+def group_files(files: Sequence[str | os.PathLike]) -> list[tuple[list[Path], Path]]:
+    """``SCORES... ACCURACIES [SCORES... ACCURACIES]...`` -> one (scores, accuracies) per target.
+
+    An accuracies file (a ``finetune`` results file) closes each target's group.
+    """
+    groups, pending = [], []
+    for f in map(Path, files):
+        if is_accuracies_file(f):
+            if not pending:
+                raise InputError(f"{f}: needs at least one SCORES file before these accuracies "
+                                 "(SCORES... ACCURACIES for each target)")
+            groups.append((pending, f))
+            pending = []
+        else:
+            pending.append(f)
+    if pending or not groups:
+        where = pending[-1] if pending else (files[-1] if files else "evaluate")
+        raise InputError(f"{where}: needs at least one SCORES file and then the ACCURACIES "
+                         "file (fine-tuning results) of its target")
+    return groups
 
 
 def label(metric: str) -> str:
@@ -257,7 +545,8 @@ def label(metric: str) -> str:
 
 
 def plot(evaluation: Evaluation, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Scores against fine-tuned accuracy, one labelled point per model, one panel per metric.
+    """The paper's figure for one target: scores against fine-tuned accuracy, one labelled point per
+    model with the seeds' standard deviation as error bars, one panel per metric.
 
     Written as a PNG, atomically. Uses matplotlib's Agg canvas directly, so no global backend is
     changed in the caller's process.
@@ -276,19 +565,27 @@ def plot(evaluation: Evaluation, path: str | os.PathLike, title: str | None = No
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    seeds = sorted({k for ev in panels for k in ev.seeds})
     for ax, ev in zip(axes, panels, strict=False):
-        ax.scatter(ev.scores, ev.accuracies, s=22, color="tab:blue", zorder=2)
+        # Error bars: the standard deviation over the fine-tuning seeds (none with one seed).
+        ax.errorbar(ev.scores, ev.accuracies, yerr=ev.accuracy_sd or None, fmt="o", ms=4.5,
+                    color="tab:blue", ecolor="tab:gray", elinewidth=1, capsize=2, zorder=2)
         for name, x, y in zip(ev.models, ev.scores, ev.accuracies, strict=True):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        tau = "n/a" if ev.weighted_tau is None else f"{ev.weighted_tau:.3f}"
-        ax.set_title(f"{label(ev.metric)}  (tau_w = {tau})", fontsize=10)
+        tau = "n/a" if ev.weighted_tau is None else f"{ev.weighted_tau:+.2f}"
+        interval = ev.intervals.get("weighted_tau")
+        if interval is not None:
+            tau += f" [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+        ax.set_title(f"{label(ev.metric)}: tau_w {tau}", fontsize=9)
         ax.set_xlabel("score")
         ax.set_ylabel("fine-tuned held-out accuracy")
         ax.grid(True, alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=11)
+        runs = "/".join(map(str, seeds))
+        fig.suptitle(f"{title}\n(mean over {runs} fine-tuning seed(s), bars +-1 sd; tau_w with "
+                     f"its {CONFIDENCE:.0%} bootstrap interval)", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path

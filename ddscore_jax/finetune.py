@@ -3,72 +3,72 @@
 Protocol (docs/finetune.md has the reasons):
 
 - Data. ``DATA`` must hold ``train/`` and ``valid/`` (class sub-folders, the same classes). Every
-  model is fine-tuned on ``train/`` and tested once, at the end, on ``valid/``: the held-out split.
-  The scores to evaluate against these accuracies must come from ``DATA/train`` only (``rank ZOO
-  DATA/train``), so that no metric sees a held-out image.
-- Network. The whole imported ResNet (conv1 to ``layer4``) plus a new zero-initialised linear
-  classifier with one output per target class. A zoo model without ``layer4`` (a backbone-only
-  checkpoint) gets a fresh seeded ``layer4``; the results say which models had one.
-- Training. Softmax cross-entropy, AdamW (or SGD with momentum), gradients clipped to a global
-  norm, cosine decay of the learning rate
-  to zero over the run (or constant), every model on the same seeded sequence of batches, no
-  augmentation unless ``flip`` (random horizontal flips). No early stopping and no model selection
-  on ``valid/``: the accuracy reported is that of the last step.
-- BatchNorm is folded into the convolutions before training (:func:`ddscore_jax.model.fold`),
-  so it is frozen: its statistics stay the source's (as with detectron2's FrozenBatchNorm2d).
+  model is fine-tuned on ``train/`` and tested at the end of each run on ``valid/``: the held-out
+  split. The scores to evaluate against these accuracies must come from ``DATA/train`` only
+  (``rank ZOO DATA/train``), so that no metric sees a held-out image.
+- Network. The whole imported ResNet (conv1 to ``layer4``, with its own BatchNorm layers) plus a
+  new zero-initialised linear classifier with one output per target class. A zoo model without
+  ``layer4`` (a backbone-only checkpoint) gets one initialised as torchvision does (Kaiming
+  convolutions, BatchNorm at weight 1, bias 0), seeded; the results say which models had one.
+- Training (:mod:`ddscore_jax.train`). BatchNorm as BatchNorm: batch statistics in training,
+  running statistics updated (torch momentum 0.1) and used for testing. Softmax cross-entropy,
+  AdamW (or SGD with momentum) with a fixed weight decay, gradients clipped to a global norm,
+  cosine decay of the learning rate to zero over the run (or constant), every model on the same
+  seeded sequence of batches, no augmentation unless ``flip``.
+- Selection, as the transferability literature does it: per model, every learning rate of a
+  small grid, each with ``seeds`` repeats; a model's accuracy is the mean over seeds at the rate
+  whose mean is best (the seeds' accuracies and their spread are recorded beside it).
 
-Results are a JSON file rewritten atomically after every model, so an interrupted run keeps what
-it finished, and a model already in the file with the same checkpoint, data and settings is
-skipped the next time.
+Results are a JSON file rewritten atomically after every run (model, learning rate, seed), so an
+interrupted run keeps what it finished, and a run already in the file with the same checkpoint,
+data and settings is not repeated.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from ddscore_jax import cache, data, model, zoo
+from ddscore_jax import cache, data, model, train, zoo
+from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
-from ddscore_jax.extract import LoadedModel, ZooForward
 from ddscore_jax.model import ResNetConfig
 
 Progress = Callable[[str, int, int], None]
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = train.OPTIMIZERS
+SCHEDULES = train.SCHEDULES
 RESULTS_KIND = "ddscore-jax finetune results"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 HELD_OUT = "valid"
 TRAIN = "train"
+# What a run's record is matched on besides model, data, learning rate and seed: the settings
+# that are not the grid itself, so that widening the grid or adding seeds reuses every run done.
+_GRID_FIELDS = ("learning_rates", "seeds", "seed")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that changes a fine-tuned accuracy. A result is reused only if all match."""
+    """Everything that changes a fine-tuned accuracy. A run is reused only if all match."""
 
     image_size: int = 64
     batch_size: int = 32
     epochs: float = 10.0
     optimizer: str = "adamw"
-    learning_rate: float = 3e-4
+    # The grid every model is tried at; its accuracy is that of the best rate (mean over seeds).
+    learning_rates: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # fixed, not searched
     schedule: str = "cosine"
-    # Without BatchNorm nothing bounds the gradients through the imported weights; on the
-    # benchmark zoo SGD without this clip diverged at 0.1 and learned nothing at 0.01.
     clip_norm: float = 1.0
     flip: bool = False
+    seeds: int = 1  # repeats per learning rate: seeds seed, seed + 1, ...
     seed: int = 0
 
     def check(self) -> None:
@@ -86,8 +86,11 @@ class Settings:
         if self.schedule not in SCHEDULES:
             raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {self.schedule!r}")
-        if not self.learning_rate > 0:
-            raise InputError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not self.learning_rates or not all(lr > 0 for lr in self.learning_rates):
+            raise InputError(f"--learning-rate must be positive (one or more), "
+                             f"got {list(self.learning_rates)}")
+        if len(set(self.learning_rates)) != len(self.learning_rates):
+            raise InputError(f"--learning-rate values repeat: {list(self.learning_rates)}")
         if not 0 <= self.momentum < 1:
             raise InputError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.clip_norm < 0:
@@ -95,141 +98,44 @@ class Settings:
                              f"got {self.clip_norm}")
         if self.weight_decay < 0:
             raise InputError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        if self.seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {self.seeds}")
+
+    def recipe(self, learning_rate: float) -> train.Recipe:
+        """The trainer's recipe at one learning rate of the grid."""
+        return train.Recipe(batch_size=self.batch_size, optimizer=self.optimizer,
+                            learning_rate=learning_rate, momentum=self.momentum,
+                            weight_decay=self.weight_decay, schedule=self.schedule,
+                            clip_norm=self.clip_norm, flip=self.flip)
+
+    def run_settings(self) -> dict:
+        """The settings a single run depends on (the grid left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _GRID_FIELDS}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "learning_rates": list(self.learning_rates)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Training one network: pure functions over the nnx.split state, jitted once per architecture.
+def network(imported: ImportedModel, num_classes: int, *,
+            seed: int = 0) -> tuple[ResNetConfig, nnx.State, bool]:
+    """The network to fine-tune from a zoo model: ``(config, state, layer4_pretrained)``.
 
-
-def _direction(settings: Settings) -> optax.GradientTransformation:
-    # The update before the learning rate: the rate is an argument of the step, computed on the
-    # host, so one compiled step serves every run length (and the persistent cache can reuse it).
-    clip = [optax.clip_by_global_norm(settings.clip_norm)] if settings.clip_norm else []
-    if settings.optimizer == "sgd":
-        # L2 decay joins the gradient before momentum, as torch.optim.SGD's weight_decay does.
-        return optax.chain(*clip, optax.add_decayed_weights(settings.weight_decay),
-                           optax.trace(decay=settings.momentum))
-    return optax.chain(*clip, optax.scale_by_adam(),
-                       optax.add_decayed_weights(settings.weight_decay))
-
-
-def schedule_length(settings: Settings, n: int) -> tuple[int, int]:
-    """``(batch, steps)`` for ``n`` training images: the batch is clipped to n, and the steps
-    make ``settings.epochs`` passes over the data (at least one step)."""
-    batch = min(settings.batch_size, n)
-    return batch, max(1, math.ceil(settings.epochs * n / batch))
-
-
-def learning_rate(settings: Settings, step: int, total: int) -> float:
-    """The learning rate of ``step`` (0-based) of ``total``: cosine decay to 0, or constant."""
-    if settings.schedule == "constant":
-        return settings.learning_rate
-    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / total))
-
-
-def network(imported, num_classes: int, *, seed: int = 0,
-            keep_fc: bool = False) -> tuple[ResNetConfig, nnx.State, bool]:
-    """The network to fine-tune from a zoo model (:class:`ImportedModel`): ``(config, state,
-    layer4_pretrained)``.
-
-    BatchNorm folded (frozen). ``layer4`` is the source's when it has one, otherwise fresh
-    (:func:`ddscore_jax.model.init_state_dict`, seeded, each block's last conv zeroed so that a
-    fresh stage starts as its shortcuts and passes the pre-trained features on). The classifier is
-    new and zero (big_vision's fine-tuning default: the first steps move the head, not the
-    pre-trained weights by random gradients) unless ``keep_fc``, which keeps the source's
-    (``num_classes`` must match). ValueError naming the parameters that do not fit.
+    Every layer the source has, BatchNorm included, as it is. ``layer4`` is the source's when it
+    has one, otherwise initialised as torchvision initialises it (:func:`model.init_state_dict`,
+    seeded; a source without BatchNorm, a constant-folded graph, gets each block's last conv
+    zeroed instead, since nothing else would keep a fresh stage's activations in range). The
+    classifier is new and zero (big_vision's fine-tuning default: every class starts at the same
+    logit, and the first steps move the head, not the pre-trained weights by random gradients).
+    ValueError naming the parameters that do not fit.
     """
-    config, sd = model.fold(imported.config, imported.state_dict)
+    config = imported.config
     full = config.with_classifier(num_classes)
-    pretrained = bool(config.depths[3])
-    params = model.init_state_dict(full, seed, zero_init_residual=True)
-    params.update({k: v for k, v in sd.items() if not k.startswith("fc.")})
-    if keep_fc:
-        if config.num_classes != num_classes:
-            raise ValueError(f"the classifier has {config.num_classes} classes, not {num_classes}")
-        params.update({k: v for k, v in sd.items() if k.startswith("fc.")})
-    else:
-        params["fc.weight"] = np.zeros_like(params["fc.weight"])
-        params["fc.bias"] = np.zeros_like(params["fc.bias"])
-    return full, model.from_state_dict(params, full), pretrained
-
-
-class Trainer:
-    """One compiled train step for a (config, settings) pair; evaluation through the forward
-    engine (:class:`ddscore_jax.extract.ZooForward`)."""
-
-    def __init__(self, config: ResNetConfig, settings: Settings):
-        self.config = config
-        self.graphdef = model.graphdef(config)
-        self.settings = settings
-        self.tx = _direction(settings)
-        self._step = jax.jit(partial(_train_step, self.graphdef, self.tx, settings.flip),
-                             donate_argnums=(0, 1))
-
-    def train(self, state: nnx.State, x: np.ndarray, y: np.ndarray, *,
-              on_step: Callable[[int, int, float], None] | None = None,
-              steps: int | None = None, seed: int | None = None,
-              ) -> tuple[nnx.State, float]:
-        """Train ``state`` on inputs (n, S, S, 3) and labels (n,); return (state, last loss).
-
-        :func:`schedule_length` gives the batch and the number of steps (``steps`` overrides
-        the latter). Batches are drawn from consecutive permutations seeded by ``seed`` (default
-        the settings'), so every image is seen once before any is seen twice, and the sequence
-        is the same for every model.
-        """
-        s = self.settings
-        n = len(x)
-        batch, total = schedule_length(s, n)
-        total = total if steps is None else steps
-        seed = s.seed if seed is None else seed
-        rng = np.random.default_rng(seed)
-        flip_key = jax.random.key(seed)
-        # The caller's state is not ours to donate.
-        state = jax.tree.map(jnp.array, state)
-        opt_state = self.tx.init(state)
-        order = np.empty(0, dtype=np.int64)
-        loss = float("nan")
-        losses = []
-        for i in range(total):
-            while len(order) < batch:
-                order = np.concatenate([order, rng.permutation(n)])
-            idx, order = order[:batch], order[batch:]
-            state, opt_state, loss_i = self._step(
-                state, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx], jnp.int32),
-                jnp.float32(learning_rate(s, i, total)), jax.random.fold_in(flip_key, i))
-            losses.append(loss_i)
-            if on_step is not None:
-                on_step(i + 1, total, float(loss_i))
-        if losses:
-            # The mean over the last pass's worth of steps: one batch's loss is too noisy.
-            tail = losses[-max(1, math.ceil(n / batch)):]
-            loss = float(np.mean([float(v) for v in tail]))
-        return state, loss
-
-    def logits(self, state: nnx.State, x: np.ndarray, batch_size: int) -> np.ndarray:
-        """(n, S, S, 3) -> (n, num_classes) float32, in padded batches (one compiled shape)."""
-        net = LoadedModel("fine-tuned", self.config, model.to_state_dict(state), blocks=0,
-                          head="logits")
-        return ZooForward([net]).run(np.asarray(x, np.float32), batch_size)[0]["logits"]
-
-    def accuracy(self, state: nnx.State, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-        """Fraction of (x, y) the network classifies right."""
-        return float(np.mean(np.argmax(self.logits(state, x, batch_size), axis=1) == y))
-
-
-def _train_step(graphdef, tx, flip: bool, state, opt_state, x, y, lr, key):
-    if flip:
-        mirror = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
-        x = jnp.where(mirror, x[:, :, ::-1, :], x)
-
-    def loss_fn(p):
-        logits = nnx.merge(graphdef, p).logits(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state)
-    direction, opt_state = tx.update(grads, opt_state, state)
-    state = jax.tree.map(lambda p, d: p - lr * d, state, direction)
-    return state, opt_state, loss
+    params = model.init_state_dict(full, seed, zero_init_residual=not full.batchnorm)
+    params.update({k: v for k, v in imported.state_dict.items() if not k.startswith("fc.")})
+    params["fc.weight"] = np.zeros_like(params["fc.weight"])
+    params["fc.bias"] = np.zeros_like(params["fc.bias"])
+    return full, model.from_state_dict(params, full), bool(config.depths[3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,30 +181,68 @@ def _load_all(dataset: data.Dataset, image_size: int, what: str,
 
 
 def read_results(path: str | os.PathLike) -> dict:
-    """A results file as a dict (an empty one if ``path`` does not exist). InputError if bad."""
+    """A results file as a dict (an empty one if ``path`` does not exist). InputError if bad.
+
+    A file of an older version keeps its other models' entries; its runs are not reused."""
     path = Path(path)
     if not path.exists():
-        return {"kind": RESULTS_KIND, "version": RESULTS_VERSION, "models": []}
+        return {"kind": RESULTS_KIND, "version": RESULTS_VERSION, "runs": [], "models": []}
     try:
         doc = json.loads(path.read_text())
         if doc.get("kind") != RESULTS_KIND or not isinstance(doc.get("models"), list):
             raise ValueError("not a fine-tuning results file")
+        if doc.get("version") != RESULTS_VERSION or not isinstance(doc.get("runs"), list):
+            doc.update(version=RESULTS_VERSION, runs=[])
     except (OSError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: cannot reuse as a results file ({e})") from None
     return doc
 
 
+def summarise(entry: zoo.ZooEntry, runs: list[dict], settings: Settings) -> dict:
+    """A model's line of the results from its runs (every learning rate x seed of the grid).
+
+    ``held_out_accuracy`` is the mean over seeds at ``best_learning_rate``, the rate with the best
+    mean (the smaller rate on a tie); ``seed_accuracies`` and ``held_out_accuracy_sd`` (sample
+    standard deviation, 0 for one seed) are at that rate.
+    """
+    by_lr: dict[float, list[dict]] = {}
+    for r in runs:
+        by_lr.setdefault(r["learning_rate"], []).append(r)
+    means = {lr: float(np.mean([r["held_out_accuracy"] for r in rs])) for lr, rs in by_lr.items()}
+    best = max(sorted(means), key=lambda lr: means[lr])
+    chosen = sorted(by_lr[best], key=lambda r: r["seed"])
+    acc = [r["held_out_accuracy"] for r in chosen]
+    return {
+        "name": entry.name, "arch": entry.config.name, "sha256": entry.sha256,
+        "held_out_accuracy": means[best],
+        "held_out_accuracy_sd": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+        "seed_accuracies": acc, "seeds": [r["seed"] for r in chosen],
+        "best_learning_rate": best,
+        "accuracy_by_learning_rate": {f"{lr:g}": means[lr] for lr in sorted(means)},
+        "n_held_out": chosen[0]["n_held_out"], "correct": [r["correct"] for r in chosen],
+        "final_train_loss": float(np.mean([r["final_train_loss"] for r in chosen])),
+        "layer4": chosen[0]["layer4"], "batchnorm": chosen[0]["batchnorm"],
+        "steps": chosen[0]["steps"],
+        "seconds": round(sum(r["seconds"] for r in runs), 2),
+        "settings": settings.to_json(),
+        "train_fingerprint": chosen[0]["train_fingerprint"],
+        "held_out_fingerprint": chosen[0]["held_out_fingerprint"],
+    }
+
+
 def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
              results: str | os.PathLike, settings: Settings = Settings(), *,
              progress: Progress | None = None) -> dict:
-    """Fine-tune every model of ``zoo_dir`` on ``DATA/train``; test on ``DATA/valid``.
+    """Fine-tune every model of ``zoo_dir`` on ``DATA/train`` at every learning rate and seed of
+    ``settings``; test each run on ``DATA/valid``.
 
-    Writes (and returns) the results document: ``{"kind", "version", "dataset", "settings",
-    "models": [{"name", "arch", "sha256", "held_out_accuracy", "n_held_out", "correct",
-    "final_train_loss", "layer4", "steps", "seconds", "settings", "train_fingerprint",
-    "held_out_fingerprint"}]}`` in zoo order, after each model. Models already there with the same
-    checkpoint, data and settings are kept, not recomputed; entries of models not in this zoo are
-    kept too.
+    Writes (and returns) the results document after every run: ``{"kind", "version", "dataset",
+    "settings", "runs": [{"name", "sha256", "learning_rate", "seed", "held_out_accuracy",
+    "correct", "n_held_out", "final_train_loss", "layer4", "batchnorm", "steps", "seconds",
+    "settings", "train_fingerprint", "held_out_fingerprint"}], "models": [:func:`summarise`]}``,
+    models in zoo order, each once all its runs are done. Runs already there with the same
+    checkpoint, data, settings, rate and seed are kept, not repeated; entries of models not in
+    this zoo are kept too.
     """
     settings.check()
     results = Path(results)
@@ -309,12 +253,18 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     entries = zoo.read_nonempty(zoo_dir)
     train_fp = cache.dataset_fingerprint(split.train)
     held_fp = cache.dataset_fingerprint(split.held_out)
-    wanted = asdict(settings)
+    run_settings = settings.run_settings()
+    seeds = [settings.seed + k for k in range(settings.seeds)]
+    grid = [(lr, s) for lr in settings.learning_rates for s in seeds]
 
-    def done(entry: zoo.ZooEntry) -> bool:
-        return any(m.get("name") == entry.name and m.get("sha256") == entry.sha256
-                   and m.get("settings") == wanted and m.get("train_fingerprint") == train_fp
-                   and m.get("held_out_fingerprint") == held_fp for m in doc["models"])
+    def same(r: dict, entry: zoo.ZooEntry) -> bool:
+        return (r.get("name") == entry.name and r.get("sha256") == entry.sha256
+                and r.get("settings") == run_settings and r.get("train_fingerprint") == train_fp
+                and r.get("held_out_fingerprint") == held_fp)
+
+    def found(entry: zoo.ZooEntry, lr: float, seed: int) -> dict | None:
+        return next((r for r in doc["runs"] if same(r, entry) and r.get("learning_rate") == lr
+                     and r.get("seed") == seed), None)
 
     doc.update({
         "dataset": {"root": str(split.root.resolve()),
@@ -323,47 +273,63 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
                     "held_out": {"root": str((split.root / HELD_OUT).resolve()),
                                  "n_images": len(split.held_out)},
                     "classes": list(split.train.classes)},
-        "settings": wanted,
+        "settings": settings.to_json(),
     })
-    todo = [e for e in entries if not done(e)]
+    names = {e.name for e in entries}
+    order = {e.name: i for i, e in enumerate(entries)}
+
+    def refresh() -> None:
+        # A model's line stands for its whole grid: it appears once every run of it is in.
+        kept = [m for m in doc["models"] if m.get("name") not in names]
+        mine = []
+        for e in entries:
+            runs = [found(e, lr, s) for lr, s in grid]
+            if all(runs):
+                mine.append(summarise(e, runs, settings))
+        doc["models"] = sorted(mine, key=lambda m: order[m["name"]]) + kept
+
+    todo = [(e, lr, s) for e in entries for lr, s in grid if found(e, lr, s) is None]
+    before = json.dumps(doc["models"], sort_keys=True)
+    refresh()
     if not todo:
+        if json.dumps(doc["models"], sort_keys=True) != before:
+            zoo.write_json_atomic(results, doc)
         return doc
 
     cache.enable_compilation_cache()
     x_train = _load_all(split.train, settings.image_size, "training", progress)
     x_held = _load_all(split.held_out, settings.image_size, "held-out", progress)
     y_train, y_held = split.train.labels, split.held_out.labels
-    trainers: dict[ResNetConfig, Trainer] = {}
-    for k, entry in enumerate(todo):
+    steps = train.schedule_length(settings.batch_size, settings.epochs, len(y_train))[1]
+    loaded: dict[str, ImportedModel] = {}
+    for k, (entry, lr, seed) in enumerate(todo):
+        if entry.name not in loaded:
+            loaded = {entry.name: zoo.load_model(zoo_dir, entry)}  # one model in memory at a time
         try:
-            config, state, pretrained = network(zoo.load_model(zoo_dir, entry),
-                                                len(split.train.classes), seed=settings.seed)
+            config, state, pretrained = network(loaded[entry.name], len(split.train.classes),
+                                                seed=seed)
         except ValueError as e:
             raise InputError(f"{Path(zoo_dir) / entry.checkpoint}: {e}") from None
-        if config not in trainers:
-            trainers[config] = Trainer(config, settings)
-        trainer = trainers[config]
-        description = f"fine-tuning {entry.name} ({k + 1}/{len(todo)})"
+        trainer = train.Trainer(config, settings.recipe(lr))
+        description = f"fine-tuning {entry.name}, lr {lr:g}, seed {seed} ({k + 1}/{len(todo)})"
         started = time.monotonic()
 
-        def on_step(i: int, total: int, _loss: float, description: str = description) -> None:
+        def on_step(i: int, total: int, description: str = description) -> None:
             if progress:
                 progress(description, i, total)
 
-        state, loss = trainer.train(state, x_train, y_train, on_step=on_step)
+        state, loss = trainer.train(state, x_train, y_train, steps, seed=seed, on_step=on_step)
         pred = np.argmax(trainer.logits(state, x_held, min(settings.batch_size, 256)), axis=1)
         correct = int(np.sum(pred == y_held))
-        record = {
-            "name": entry.name, "arch": entry.arch, "sha256": entry.sha256,
+        doc["runs"].append({
+            "name": entry.name, "sha256": entry.sha256, "learning_rate": lr, "seed": seed,
             "held_out_accuracy": correct / len(y_held), "n_held_out": len(y_held),
             "correct": correct, "final_train_loss": loss,
-            "layer4": "pretrained" if pretrained else "fresh",
-            "steps": schedule_length(settings, len(y_train))[1],
-            "seconds": round(time.monotonic() - started, 2),
-            "settings": wanted, "train_fingerprint": train_fp, "held_out_fingerprint": held_fp,
-        }
-        doc["models"] = [m for m in doc["models"] if m.get("name") != entry.name] + [record]
-        order = {e.name: i for i, e in enumerate(entries)}
-        doc["models"].sort(key=lambda m: order.get(m.get("name"), len(order)))
+            "layer4": "pretrained" if pretrained else "fresh", "batchnorm": config.batchnorm,
+            "steps": steps, "seconds": round(time.monotonic() - started, 2),
+            "settings": run_settings, "train_fingerprint": train_fp,
+            "held_out_fingerprint": held_fp,
+        })
+        refresh()
         zoo.write_json_atomic(results, doc)
     return doc

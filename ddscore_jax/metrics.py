@@ -7,29 +7,31 @@ softmax outputs (..., n, Z) instead of features. Each is written from its paper'
 definitions, the numerical choices and where they differ from the widely copied reference code are
 in docs/metrics.md.
 
-As in ``score.py``, one compiled program scores every (model, block) matrix at once (``jax.vmap``
+As in ``score.py``, one compiled program scores every (model, block) matrix at once (``lax.map``
 over the flattened leading axes), in float64 wherever the backend has it.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddscore_jax.score import BLOCKS, RCOND, ModelScore, precision_for, train_indices
+from ddscore_jax.score import BLOCKS, RCOND, ModelScore, _block_score, precision_for, train_indices
 from ddscore_jax.score import block_scores as ddscore
-from ddscore_jax.score import score_models as _score_models
+from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
 
 TRANSRATE_EPS = 1e-4  # the distortion of TransRate's coding rate (eps^2 of the paper, see docs)
 LOGME_TOL = 1e-10  # relative change of alpha and beta at which the fixed point counts as reached
 LOGME_MAX_ITER = 10_000
+GBC_VARIANCE_FLOOR = 1e-4  # stable_transfer's floor on each per-dimension class variance
 LOGME_BOUNDARY = 1e-12  # stop when gamma or n - gamma < this * n: a limit, not a point (docs)
 KNN_ROW_BLOCK = 512  # rows of the n x n distance matrix held at once, per matrix
 
@@ -62,29 +64,89 @@ def _encode_labels(labels: np.ndarray, n: int, dtype, *, min_classes: int = 2) -
     return _Labels(jnp.asarray(onehot), jnp.asarray(members), jnp.asarray(mask))
 
 
-@partial(jax.jit, static_argnames=("fn",))
-def _batched(fn: Callable, x: jax.Array, labels: _Labels):
-    # x: (..., n, d). One compiled program for every model and block at once.
-    flat = x.reshape((-1, *x.shape[-2:]))
-    out = jax.vmap(fn, in_axes=(0, None))(flat, labels)
-    return jax.tree.map(lambda a: a.reshape(x.shape[:-2] + a.shape[1:]), out)
+Progress = Callable[[str, int, int], None]  # (description, completed, total), as extract's
+_COMPILED_KEEP = 32  # compiled programs kept in memory (one per metric set and shape)
+_compiled: OrderedDict[tuple, Callable] = OrderedDict()
 
 
-def _run(fn: Callable, x: np.ndarray, labels: np.ndarray | None, precision: str | None):
-    """Apply the per-matrix ``fn`` to each (n, d) matrix of ``x`` (..., n, d); float64 NumPy out."""
+def _chained(names: tuple[str, ...], f: jax.Array, lab: _Labels) -> dict:
+    """Every metric of ``names`` on one (n, d) matrix, one after the other.
+
+    Each metric's input passes through a barrier with the previous metric's output, so the
+    decompositions of one metric start only after the previous metric is done: with
+    serial_lapack's one matrix per LAPACK call, at most one decomposition per matrix is in flight
+    (the CPU pool deadlock of docs/metrics.md needs two at once).
+    """
+    out = {}
+    x = f
+    shared: dict = {}  # decompositions that two metrics of this program both use
+    for name in names:
+        fn = _PER_MATRIX[name]
+        value = fn(x, lab, shared) if fn in _SHARING else fn(x, lab)
+        value, x = jax.lax.optimization_barrier((value, f))
+        out[name] = value
+    return out
+
+
+@cache
+def _program(names: tuple[str, ...]) -> Callable:
+    def run(x: jax.Array, labels: _Labels) -> dict:
+        # x: (..., n, d). One program for every metric, model and block at once.
+        flat = x.reshape((-1, *x.shape[-2:]))
+        # lax.map, not vmap: one matrix per LAPACK call (serial_lapack).
+        out = map_matrices(partial(_chained, names), flat, labels)
+        return jax.tree.map(lambda a: a.reshape(x.shape[:-2] + a.shape[1:]), out)
+
+    return jax.jit(run)
+
+
+def _compile(names: tuple[str, ...], x: jax.Array, enc: _Labels,
+             progress: Progress | None) -> Callable:
+    # Explicit ahead-of-time compilation, so that progress can say when it happens: once per
+    # set of metrics and shape (and from the on-disk cache when `enable_compilation_cache` is on).
+    key = (names, x.shape, str(x.dtype),
+           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(enc)))
+    if key in _compiled:
+        _compiled.move_to_end(key)
+        return _compiled[key]
+    what = f"compiling {', '.join(names)} for {x.shape[-2]} x {x.shape[-1]}"
+    if progress:
+        progress(what, 0, 1)
+    compiled = _program(names).lower(x, enc).compile()
+    if progress:
+        progress(what, 1, 1)
+    _compiled[key] = compiled
+    while len(_compiled) > _COMPILED_KEEP:
+        _compiled.popitem(last=False)
+    return compiled
+
+
+def _run(names: Sequence[str], x: np.ndarray, labels: np.ndarray | None,
+         precision: str | None, progress: Progress | None = None) -> dict:
+    """Every metric of ``names`` on each (n, d) matrix of ``x`` (..., n, d), in one compiled
+    program; ``{name: float64 NumPy of x.shape[:-2] (+ the metric's own trailing axes)}``."""
+    names = tuple(names)
     x = np.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"expected an array of shape (..., n, d), got {x.shape}")
     precision = precision or precision_for()
     dtype = np.float64 if precision == "float64" else np.float32
+    single_threaded_blas()
     with jax.enable_x64(precision == "float64"):
         if labels is None:  # a label-free computation (Ledoit-Wolf): one dummy class
             enc = _Labels(jnp.ones((x.shape[-2], 1), dtype), jnp.zeros((1, 1), jnp.int32),
                           jnp.zeros((1, 1), dtype))
         else:
             enc = _encode_labels(labels, x.shape[-2], dtype)
-        out = _batched(fn, jnp.asarray(x, dtype), enc)
-        return jax.tree.map(lambda a: np.asarray(a, dtype=np.float64), out)
+        xj = jnp.asarray(x, dtype)
+        program = _compile(names, xj, enc, progress)
+        what = f"computing {', '.join(names)}"
+        if progress:
+            progress(what, 0, 1)
+        out = jax.tree.map(lambda a: np.asarray(a, dtype=np.float64), program(xj, enc))
+        if progress:
+            progress(what, 1, 1)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,20 +186,36 @@ def _centred_class_means(f: jax.Array, onehot: jax.Array) -> jax.Array:
 
 
 def _logdet_spd(a: jax.Array) -> jax.Array:
-    # Only ever called on I + (PSD matrix): Cholesky is stable and cheaper than an LU.
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(a), axis1=-2, axis2=-1)), -1)
+    """log det of each SPD matrix of ``a`` (k, m, m) -> (k,)."""
+    # Only ever called on I + (PSD matrix): Cholesky is stable and cheaper than an LU. One matrix
+    # per LAPACK call, like every decomposition here (serial_lapack).
+    chol = jax.lax.map(jnp.linalg.cholesky, a)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
 
 
 # ----------------------------------------------------------------------------------------------
 # H-score (Bao et al. 2019) and its shrinkage version (Ibrahim et al. 2022)
 
 
-def _hscore_one(f: jax.Array, lab: _Labels) -> jax.Array:
-    # tr(pinv(cov f) cov E[f|y]); the 1/(n-1) of both covariances cancels. In the right-singular
-    # basis of the centred features, pinv(cov f) is diagonal: H = sum_i |M v_i|^2 / s_i^2.
+def _class_spectrum(f: jax.Array, lab: _Labels,
+                    shared: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    """Singular values s (k,) of the centred features and |M v_i|^2 (k,), M the centred class
+    means scaled by sqrt(n_c), v_i the right singular vectors. Both H-scores need exactly this;
+    ``shared`` lets one program compute it once for both."""
+    if shared is not None and "class_spectrum" in shared:
+        return shared["class_spectrum"]
     xc = f - f.mean(axis=0)
     s, vt = _right_svd(xc)
-    proj = jnp.sum((_centred_class_means(f, lab.onehot) @ vt.T) ** 2, axis=0)  # (k,)
+    proj = jnp.sum((_centred_class_means(f, lab.onehot) @ vt.T) ** 2, axis=0)
+    if shared is not None:
+        shared["class_spectrum"] = (s, proj)
+    return s, proj
+
+
+def _hscore_one(f: jax.Array, lab: _Labels, shared: dict | None = None) -> jax.Array:
+    # tr(pinv(cov f) cov E[f|y]); the 1/(n-1) of both covariances cancels. In the right-singular
+    # basis of the centred features, pinv(cov f) is diagonal: H = sum_i |M v_i|^2 / s_i^2.
+    s, proj = _class_spectrum(f, lab, shared)
     s2 = s**2
     keep = s2 > RCOND * s2[0]  # pinv's cut-off, relative to the largest eigenvalue of cov f
     return jnp.sum(jnp.where(keep, proj / jnp.where(keep, s2, 1.0), 0.0))
@@ -162,17 +240,18 @@ def _ledoit_wolf_shrinkage(xc: jax.Array) -> tuple[jax.Array, jax.Array]:
     return alpha, mu
 
 
-def _shrinkage_hscore_one(f: jax.Array, lab: _Labels) -> jax.Array:
-    # tr(pinv(cov_alpha f) (1 - alpha) cov E[f|y]) with cov_alpha the Ledoit-Wolf estimate. Both
-    # covariances divide by n (LW is defined on the 1/n sample covariance). In the right-singular
-    # basis of the centred features cov_alpha is diagonal: (1 - alpha) s_i^2 / n + alpha mu.
-    # Its other eigenvalue, alpha mu on the orthogonal complement, meets no part of cov E[f|y]:
-    # the centred class means lie in the row space of the centred features.
+def _shrinkage_hscore_one(f: jax.Array, lab: _Labels, shared: dict | None = None) -> jax.Array:
+    # tr(pinv(cov_alpha f) (1 - alpha) cov E[f|y]) with cov_alpha the Ledoit-Wolf estimate (on the
+    # 1/n sample covariance, as LW is defined) and cov E[f|y] divided by n - 1, as the reference
+    # code (tllib's regularized_h_score, np.cov) does. In the right-singular basis of the centred
+    # features cov_alpha is diagonal: (1 - alpha) s_i^2 / n + alpha mu. Its other eigenvalue,
+    # alpha mu on the orthogonal complement, meets no part of cov E[f|y]: the centred class means
+    # lie in the row space of the centred features.
     n, _ = f.shape
     xc = f - f.mean(axis=0)
     alpha, mu = _ledoit_wolf_shrinkage(xc)
-    s, vt = _right_svd(xc)
-    proj = jnp.sum((_centred_class_means(f, lab.onehot) @ vt.T) ** 2, axis=0) / n
+    s, proj = _class_spectrum(f, lab, shared)
+    proj = proj / (n - 1)
     eig = (1.0 - alpha) * s**2 / n + alpha * mu
     keep = eig > RCOND * eig[0]  # eig[0] is the largest: s is sorted descending
     return (1.0 - alpha) * jnp.sum(jnp.where(keep, proj / jnp.where(keep, eig, 1.0), 0.0))
@@ -192,7 +271,7 @@ def ledoit_wolf(x: np.ndarray, *, precision: str | None = None) -> tuple[np.ndar
     Returns ``(covariance (..., d, d), shrinkage (...))``, float64; the same estimator as
     ``sklearn.covariance.ledoit_wolf(x, assume_centered=False)``.
     """
-    return _run(_ledoit_wolf_one, x, None, precision)
+    return _run(("_ledoit_wolf",), x, None, precision)["_ledoit_wolf"]
 
 
 def hscore(features: np.ndarray, labels: np.ndarray, *,
@@ -202,7 +281,7 @@ def hscore(features: np.ndarray, labels: np.ndarray, *,
     ``tr(pinv(cov f) cov(E[f | y]))``, centred covariances, pinv cut-off ``RCOND`` relative to the
     largest eigenvalue. When n <= d it is C - 1 for features in general position (see docs).
     """
-    return _run(_hscore_one, features, labels, precision)
+    return _run(("hscore",), features, labels, precision)["hscore"]
 
 
 def shrinkage_hscore(features: np.ndarray, labels: np.ndarray, *,
@@ -210,9 +289,10 @@ def shrinkage_hscore(features: np.ndarray, labels: np.ndarray, *,
     """Shrinkage H-score (Ibrahim et al. 2022): shape ``features.shape[:-2]``.
 
     ``tr(pinv(cov_alpha f) (1 - alpha) cov(E[f | y]))`` with the Ledoit-Wolf estimate
-    ``cov_alpha = (1 - alpha) cov f + alpha tr(cov f)/d I``; covariances divide by n.
+    ``cov_alpha = (1 - alpha) cov f + alpha tr(cov f)/d I`` (cov f divided by n) and cov(E[f | y])
+    divided by n - 1, as in tllib's ``regularized_h_score``.
     """
-    return _run(_shrinkage_hscore_one, features, labels, precision)
+    return _run(("shrinkage_hscore",), features, labels, precision)["shrinkage_hscore"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +375,7 @@ def _logme_score_one(f: jax.Array, lab: _Labels) -> jax.Array:
 def logme_fit(features: np.ndarray, labels: np.ndarray, *,
               precision: str | None = None) -> LogMEFit:
     """The per-class LogME evidence maximisation behind :func:`logme`; fields of shape (..., C)."""
-    fit = _run(_logme_one, features, labels, precision)
+    fit = _run(("_logme_fit",), features, labels, precision)["_logme_fit"]
     return fit._replace(iterations=fit.iterations.astype(np.int64))
 
 
@@ -306,7 +386,7 @@ def logme(features: np.ndarray, labels: np.ndarray, *,
     The maximised log evidence of a Bayesian linear model from the features to each class's 0/1
     indicator, averaged over classes and divided by n. Raw (uncentred) features, as in the paper.
     """
-    return _run(_logme_score_one, features, labels, precision)
+    return _run(("logme",), features, labels, precision)["logme"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +395,8 @@ def logme(features: np.ndarray, labels: np.ndarray, *,
 
 def _transrate_one(f: jax.Array, lab: _Labels) -> jax.Array:
     # R(Z) - R(Z|Y) with R(Z) = 1/2 logdet(I + Z^T Z / (n eps)) on the centred features and
-    # R(Z|Y) = sum_c n_c / n R(Z_c), Z_c the rows of class c (centred with the overall mean).
+    # R(Z|Y) = 1/C sum_c R(Z_c), Z_c the rows of class c (centred with the overall mean): the
+    # plain mean over classes of the paper's code and tllib, not MCR^2's n_c / n weights.
     n, d = f.shape
     z = f - f.mean(axis=0)
     counts = lab.member_mask.sum(axis=1)  # (C,)
@@ -331,21 +412,18 @@ def _transrate_one(f: jax.Array, lab: _Labels) -> jax.Array:
         gram_c = jnp.swapaxes(zc, 1, 2) @ zc
     scaled = jnp.concatenate([gram[None] / (n * TRANSRATE_EPS),
                               gram_c / (counts * TRANSRATE_EPS)[:, None, None]])
-    # One batched Cholesky for all C + 1 matrices, not two: jaxlib 0.10's CPU LAPACK kernels
-    # wait on the XLA thread pool for their batch, and two such calls running side by side can
-    # deadlock it on a 2-core machine.
     rates = 0.5 * _logdet_spd(jnp.eye(gram.shape[0], dtype=f.dtype) + scaled)
-    return rates[0] - jnp.sum(counts / n * rates[1:])
+    return rates[0] - jnp.mean(rates[1:])
 
 
 def transrate(features: np.ndarray, labels: np.ndarray, *,
               precision: str | None = None) -> np.ndarray:
     """TransRate (Huang et al. 2022), coding-rate difference with eps = 1e-4: ``shape[:-2]``.
 
-    ``R(Z) - sum_c n_c/n R(Z_c)``, ``R(Z) = 1/2 logdet(I + Z^T Z / (n eps))``, Z the centred
-    features (in nats). See docs/metrics.md for how this relates to the paper's eps^2 and d.
+    ``R(Z) - 1/C sum_c R(Z_c)``, ``R(Z) = 1/2 logdet(I + Z^T Z / (n eps))``, Z the centred
+    features (in nats), as the paper's code and tllib compute it. See docs/metrics.md.
     """
-    return _run(_transrate_one, features, labels, precision)
+    return _run(("transrate",), features, labels, precision)["transrate"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,24 +431,23 @@ def transrate(features: np.ndarray, labels: np.ndarray, *,
 
 
 def _gbc_one(f: jax.Array, lab: _Labels) -> jax.Array:
-    # Class c ~ N(mu_c, var_c I_d), var_c the mean over dimensions of the per-dimension (1/n_c)
-    # variances. Bhattacharyya distance between two such Gaussians, var = (var_i + var_j) / 2:
-    #   D = |mu_i - mu_j|^2 / (8 var) + d/2 ln(var / sqrt(var_i var_j)),   BC = exp(-D);
+    # As the authors' code (google-research stable_transfer, gbc.py, spherical): per class the
+    # per-dimension variances (1/n_c), each floored at GBC_VARIANCE_FLOOR, averaged into one var_c.
+    # Their Bhattacharyya distance, var = (var_i + var_j) / 2, has the log term of a scalar:
+    #   D = |mu_i - mu_j|^2 / (8 var) + 1/2 ln(var / sqrt(var_i var_j)),   BC = exp(-D);
+    # (the true distance of two d-dimensional spherical Gaussians has d/2 there, see docs);
     # GBC = -sum over ordered pairs i != j of BC (each unordered pair counted twice).
-    d = f.shape[1]
     onehot = lab.onehot
     counts = onehot.sum(axis=0)
     means = (onehot.T @ f) / counts[:, None]  # (C, d)
     # Two-pass variance: subtract each row's class mean before squaring.
     resid = f - onehot @ means
-    var = (onehot.T @ resid**2).sum(axis=1) / (counts * d)  # (C,)
-    # A one-sample class has zero variance: its BC with any other class tends to 0, which the
-    # floor keeps finite instead of nan.
-    var = jnp.maximum(var, jnp.finfo(f.dtype).tiny)
+    per_dim = (onehot.T @ resid**2) / counts[:, None]  # (C, d)
+    var = jnp.maximum(per_dim, GBC_VARIANCE_FLOOR).mean(axis=1)  # (C,)
     avg = (var[:, None] + var[None, :]) / 2
     sq = jnp.sum((means[:, None, :] - means[None, :, :]) ** 2, axis=-1)
-    dist = sq / (8 * avg) + d / 2 * (jnp.log(avg) - 0.5 * (jnp.log(var)[:, None]
-                                                           + jnp.log(var)[None, :]))
+    dist = sq / (8 * avg) + 0.5 * (jnp.log(avg) - 0.5 * (jnp.log(var)[:, None]
+                                                          + jnp.log(var)[None, :]))
     bc = jnp.exp(-dist)
     off = 1.0 - jnp.eye(bc.shape[0], dtype=f.dtype)
     return -jnp.sum(bc * off)
@@ -378,12 +455,13 @@ def _gbc_one(f: jax.Array, lab: _Labels) -> jax.Array:
 
 def gbc(features: np.ndarray, labels: np.ndarray, *,
         precision: str | None = None) -> np.ndarray:
-    """GBC (Pandy et al. 2022), spherical Gaussians: shape ``features.shape[:-2]``, in [-C(C-1), 0].
+    """GBC (Pandy et al. 2022), spherical, as the authors' code: ``features.shape[:-2]``.
 
-    Minus the sum over ordered class pairs of the Bhattacharyya coefficient between per-class
-    Gaussians ``N(mean_c, var_c I)``, ``var_c`` the average per-dimension variance of class c.
+    Minus the sum over ordered class pairs of ``exp(-D)``, D the authors' Bhattacharyya distance
+    between ``N(mean_c, var_c I)``, ``var_c`` the mean of the per-dimension variances of class c
+    floored at 1e-4. In [-C(C-1), 0].
     """
-    return _run(_gbc_one, features, labels, precision)
+    return _run(("gbc",), features, labels, precision)["gbc"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,7 +489,7 @@ def _knn_one(f: jax.Array, lab: _Labels) -> jax.Array:
 def knn(features: np.ndarray, labels: np.ndarray, *,
         precision: str | None = None) -> np.ndarray:
     """Leave-one-out 1-NN accuracy (Euclidean) in [0, 1]: shape ``features.shape[:-2]``."""
-    return _run(_knn_one, features, labels, precision)
+    return _run(("knn",), features, labels, precision)["knn"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +534,7 @@ def leep(source_probs: np.ndarray, labels: np.ndarray, *,
 
     Returns shape ``source_probs.shape[:-2]``, a mean log-likelihood (<= 0).
     """
-    return _run(_leep_one, _check_probs(source_probs), labels, precision)
+    return _run(("leep",), _check_probs(source_probs), labels, precision)["leep"]
 
 
 def nce(source_probs: np.ndarray, labels: np.ndarray, *,
@@ -465,11 +543,25 @@ def nce(source_probs: np.ndarray, labels: np.ndarray, *,
 
     Z is the argmax of the source head's outputs (..., n, Z). Returns ``source_probs.shape[:-2]``.
     """
-    return _run(_nce_one, _check_probs(source_probs), labels, precision)
+    return _run(("nce",), _check_probs(source_probs), labels, precision)["nce"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Registry and model-level scoring
+
+
+def _ddscore_one(f: jax.Array, lab: _Labels) -> jax.Array:
+    return _block_score(f, lab.onehot, RCOND)
+
+
+# The per-matrix function behind each name; "_"-names are extras, not metrics.
+_PER_MATRIX: dict[str, Callable] = {
+    "ddscore": _ddscore_one, "hscore": _hscore_one, "shrinkage_hscore": _shrinkage_hscore_one,
+    "logme": _logme_score_one, "transrate": _transrate_one, "gbc": _gbc_one, "knn": _knn_one,
+    "leep": _leep_one, "nce": _nce_one, "_logme_fit": _logme_one,
+    "_ledoit_wolf": _ledoit_wolf_one,
+}
+_SHARING = {_hscore_one, _shrinkage_hscore_one}  # take the program's ``shared`` decompositions
 
 
 @dataclass(frozen=True)
@@ -499,6 +591,82 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 )}
 
 
+def compute(names: Sequence[str], x: np.ndarray, labels: np.ndarray, *,
+            precision: str | None = None, progress: Progress | None = None) -> dict:
+    """Several metrics of one kind (all feature metrics, or all head metrics) on each matrix of
+    ``x`` (..., n, d), compiled and run as one program: ``{name: array of x.shape[:-2]}``."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    heads = {METRICS[n].needs_head for n in names}
+    if len(heads) > 1:
+        raise ValueError("feature metrics and head metrics take different inputs: compute "
+                         "them in two calls")
+    if heads == {True}:
+        x = _check_probs(x)
+    return _run(names, x, labels, precision, progress)
+
+
+def score_all(
+    features: Mapping[str, Mapping[str, np.ndarray]],
+    labels: np.ndarray,
+    metrics: Sequence[str],
+    *,
+    head_probs: Mapping[str, np.ndarray | None] | None = None,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    blocks: Sequence[str] = BLOCKS,
+    precision: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, ModelScore]]:
+    """Every model under every metric: ``{metric: {model: ModelScore}}``.
+
+    ``features[name][block]`` is (n, d); a feature metric's model score is its mean over
+    ``blocks``, with the per-block values in ``block_scores``. ``head_probs[name]`` is the source
+    head's softmax output (n, Z) for LEEP/NCE (None, or absent: the model has no such score).
+    Every model uses the same seeded split (:func:`ddscore_jax.score.train_indices`). All feature
+    metrics run as one compiled program per feature shape (models of one width are stacked), and
+    all head metrics as one more.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    labels = np.asarray(labels)
+    idx = train_indices(len(labels), train_fraction, seed)
+    out: dict[str, dict[str, ModelScore]] = {m: {} for m in metrics}
+    feature_metrics = tuple(m for m in metrics if not METRICS[m].needs_head)
+    head_metrics = tuple(m for m in metrics if METRICS[m].needs_head)
+    if feature_metrics and features:
+        # One stack per feature shape (a zoo may mix ResNet18 and ResNet50).
+        groups: dict[tuple, list[str]] = {}
+        for name in features:
+            shape = tuple(np.shape(features[name][b]) for b in blocks)
+            groups.setdefault(shape, []).append(name)
+        for names in groups.values():
+            stacked = np.stack([np.stack([np.asarray(features[m][b])[idx] for b in blocks])
+                                for m in names])
+            values = _run(feature_metrics, stacked, labels[idx], precision, progress)
+            for metric in feature_metrics:
+                for i, name in enumerate(names):
+                    per_block = values[metric][i]
+                    out[metric][name] = ModelScore(
+                        name, float(np.mean(per_block)),
+                        {b: float(per_block[j]) for j, b in enumerate(blocks)})
+    probs = {n: p for n, p in (head_probs or {}).items() if p is not None}
+    if head_metrics and probs:
+        names = list(probs)
+        chosen = [_check_probs(probs[name])[idx] for name in names]
+        width = max(p.shape[1] for p in chosen)
+        # Zero columns are source classes nobody predicts: they change neither LEEP nor NCE.
+        stacked = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in chosen])
+        values = _run(head_metrics, stacked, labels[idx], precision, progress)
+        for metric in head_metrics:
+            for i, name in enumerate(names):
+                out[metric][name] = ModelScore(name, float(values[metric][i]), {})
+    return out
+
+
 def score_models(
     inputs: Mapping[str, Mapping[str, np.ndarray] | np.ndarray],
     labels: np.ndarray,
@@ -513,24 +681,14 @@ def score_models(
 
     For a feature metric ``inputs[name][block]`` is (n, d) and the model's score is the mean over
     ``blocks``; for a head metric ``inputs[name]`` is the source softmax output (n, Z) (Z may differ
-    between models) and ``block_scores`` is empty. All models use the same seeded split as
-    D-deepscore (:func:`ddscore_jax.score.train_indices`) and are scored in one call.
+    between models) and ``block_scores`` is empty. See :func:`score_all` for several at once.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    m = METRICS[metric]
-    names = list(inputs)
-    if not names:
-        return []
-    labels = np.asarray(labels)
-    if m.needs_head:
-        idx = train_indices(len(labels), train_fraction, seed)
-        probs = [np.asarray(inputs[name])[idx] for name in names]
-        width = max(p.shape[1] for p in probs)
-        # Zero columns are source classes nobody predicts: they change neither LEEP nor NCE.
-        stacked = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in probs])
-        values = m.fn(stacked, labels[idx], precision=precision)
-        results = [ModelScore(name, float(values[i]), {}) for i, name in enumerate(names)]
-        return sorted(results, key=lambda r: -r.score)
-    return _score_models(inputs, labels, train_fraction=train_fraction, seed=seed,
-                         blocks=blocks, precision=precision, metric=m.fn)
+    if METRICS[metric].needs_head:
+        got = score_all({}, labels, [metric], head_probs=inputs, train_fraction=train_fraction,
+                        seed=seed, blocks=blocks, precision=precision)
+    else:
+        got = score_all(inputs, labels, [metric], train_fraction=train_fraction, seed=seed,
+                        blocks=blocks, precision=precision)
+    return sorted(got[metric].values(), key=lambda r: -r.score)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
+
 RCOND = 1e-10  # the reference's pinv cut-off
 BLOCKS = ("layer3.0", "layer3.1")  # the feature points D-deepscore averages
 
@@ -52,9 +54,6 @@ def _block_score(f: jax.Array, onehot: jax.Array, rcond: float) -> jax.Array:
     # each scaled by sqrt(class size), i.e. class sums / sqrt(class size).
     scaled_means = (onehot.T @ f) / jnp.sqrt(jnp.maximum(counts, 1.0))[:, None]
     s_f = _singular_values(f)
-    # jaxlib's CPU LAPACK kernels wait on XLA's thread pool: two independent decompositions in one
-    # program can deadlock on a 2-core machine. The barrier orders the second after the first.
-    s_f, scaled_means = jax.lax.optimization_barrier((s_f, scaled_means))
     s_g = jnp.linalg.svd(scaled_means, compute_uv=False)
     k = min(s_g.shape[0], s_f.shape[0])
     sf2, sg2 = s_f[:k] ** 2, s_g[:k] ** 2
@@ -64,9 +63,10 @@ def _block_score(f: jax.Array, onehot: jax.Array, rcond: float) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("rcond",))
 def _scores(features: jax.Array, onehot: jax.Array, rcond: float) -> jax.Array:
-    # features: (..., n, d); one compiled program for every model and block at once.
+    # features: (..., n, d); one compiled program for every model and block at once, one matrix
+    # per LAPACK call (serial_lapack: batched CPU decompositions can deadlock).
     flat = features.reshape((-1, *features.shape[-2:]))
-    out = jax.vmap(_block_score, in_axes=(0, None, None))(flat, onehot, rcond)
+    out = map_matrices(_block_score, flat, onehot, rcond)
     return out.reshape(features.shape[:-2])
 
 
@@ -87,6 +87,7 @@ def block_scores(features: np.ndarray, labels: np.ndarray, *, rcond: float = RCO
     precision = precision or precision_for()
     dtype = np.float64 if precision == "float64" else np.float32
     onehot = np.eye(len(classes), dtype=dtype)[index]
+    single_threaded_blas()
     with jax.enable_x64(precision == "float64"):
         out = _scores(jnp.asarray(features, dtype), jnp.asarray(onehot), rcond)
         return np.asarray(out, dtype=np.float64)
@@ -94,12 +95,14 @@ def block_scores(features: np.ndarray, labels: np.ndarray, *, rcond: float = RCO
 
 @dataclass(frozen=True)
 class ModelScore:
-    """One model's result: ``score`` ranks it; ``metrics`` holds every metric asked for."""
+    """One model's result: ``score`` ranks it; ``metrics`` holds every metric asked for, and
+    ``metric_block_scores`` each feature metric's value per block."""
 
     name: str
     score: float
     block_scores: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
+    metric_block_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def score_models(

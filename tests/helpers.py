@@ -97,3 +97,33 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     """The error line a failed command printed (its last stderr line)."""
     lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def hooked_features(net, blocks, images_nhwc: np.ndarray, count: int = 2) -> dict[str, np.ndarray]:
+    """A library's own forward of ``net``, with hooks on the first ``count`` of ``blocks`` (its
+    conv4_x blocks: torchvision/timm ``net.layer3``, transformers ``resnet.encoder.stages[2].
+    layers``), each output averaged over space, as ``{"layer3.i": (N, C)}``."""
+    import torch
+
+    feats: dict[str, np.ndarray] = {}
+    hooks = [block.register_forward_hook(
+        lambda _m, _i, out, name=f"layer3.{i}": feats.__setitem__(name, out.mean(dim=(2, 3))
+                                                                 .numpy()))
+        for i, block in enumerate(list(blocks)[:count])]
+    with torch.no_grad():
+        net.eval()(torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))))
+    for h in hooks:
+        h.remove()
+    return feats
+
+
+def snapshot(folder: Path) -> dict | None:
+    """Everything under a folder, with a digest of each file's bytes: to prove a failed command
+    changed nothing (digests, so that a zoo of large models is not held in memory twice)."""
+    import hashlib
+
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest()
+                                         if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}

@@ -129,6 +129,10 @@ def make_bad_checkpoint(kind, folder, good):
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
                                   torch.nn.Conv2d(8, 8, 3))
         torch.save(net.state_dict(), path)
+    elif kind == "mobilenet":
+        import torchvision
+
+        torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
     elif kind == "incomplete":
         import torchvision
 
@@ -148,8 +152,9 @@ def make_bad_checkpoint(kind, folder, good):
 @pytest.mark.parametrize("kind,message", [
     ("garbage", "unreadable PyTorch checkpoint"),
     ("truncated", "unreadable PyTorch checkpoint"),
-    ("not_resnet", "not a torchvision ResNet"),
-    ("incomplete", "missing layer2.0.bn1.running_var"),
+    ("not_resnet", "not a ResNet"),
+    ("mobilenet", "not a ResNet v1"),
+    ("incomplete", "layer2.0.bn1.running_var"),
     ("code_pickle", "refused"),
     ("wrong_suffix", "not a checkpoint this tool reads"),
     ("missing", "no such file"),
@@ -161,21 +166,25 @@ def test_bad_checkpoint_leaves_zoo_as_it_was(workspace, tmp_path, kind, message)
     my_zoo = tmp_path / "zoo"
     shutil.copytree(zoo, my_zoo)
     before = snapshot(my_zoo)
-    # A new good model first: the failure comes after it was read, and still nothing is written.
+    # Each checkpoint on its own: the good one is added whole, the bad one refused in one line.
     good = shutil.copy(ckpts / "r34.pth", tmp_path / "fresh.pth")
     result = cli("convert", good, bad, "--zoo", my_zoo, env={"EVIL_MARKER": str(marker)})
     assert result.returncode == 2, result.stderr
     line = error_line(result)
     assert line.startswith("error: ") and bad.name in line and message in line, line
     assert "Traceback" not in result.stderr
-    assert snapshot(my_zoo) == before
+    after = snapshot(my_zoo)
+    assert {k: v for k, v in after.items()
+            if k != "zoo.json" and not k.startswith("checkpoints/fresh")} == {
+        k: v for k, v in before.items() if k != "zoo.json"}
+    names = [m["name"] for m in json.loads((my_zoo / "zoo.json").read_text())["models"]]
+    assert names == [*(m["name"] for m in json.loads(before["zoo.json"])["models"]), "fresh"]
     assert not marker.exists()  # the pickled os.system never ran
 
 
-def test_failed_convert_into_new_zoo_creates_nothing(workspace, tmp_path):
-    _, ckpts, _, _ = workspace
+def test_failed_convert_into_new_zoo_creates_nothing(tmp_path):
     bad = make_bad_checkpoint("garbage", tmp_path, None)
-    result = cli("convert", ckpts / "r18_a.pth", bad, "--zoo", tmp_path / "new_zoo")
+    result = cli("convert", bad, "--zoo", tmp_path / "new_zoo")
     assert result.returncode == 2
     assert not (tmp_path / "new_zoo").exists()
 
@@ -279,6 +288,21 @@ def test_several_metrics_one_column_each(workspace, tmp_path):
         assert m["metrics"]["logme"] == pytest.approx(expected, rel=1e-9)
         # Every checkpoint here has its torchvision head, so LEEP has a value in [-inf, 0].
         assert m["metrics"]["leep"] <= 0.0
+        # Per-block values of every feature metric, not only of the first.
+        blocks = m["metric_block_scores"]
+        assert set(blocks) == {"logme", "ddscore", "leep"} and blocks["leep"] == {}
+        assert blocks["logme"] == m["block_scores"]
+        for metric in ("logme", "ddscore"):
+            assert set(blocks[metric]) == {"layer3.0", "layer3.1"}
+            assert np.mean(list(blocks[metric].values())) == pytest.approx(
+                m["metrics"][metric], rel=1e-12)
+
+    scored = cli("score", feats, "--metric", "gbc,knn", "--json", "-")
+    assert scored.returncode == 0, scored.stderr
+    assert "compiling gbc, knn" in scored.stderr  # the progress shows the one compilation
+    for m in json.loads(scored.stdout)["models"]:
+        assert set(m["metric_block_scores"]) == {"gbc", "knn"}
+        assert m["metric_block_scores"]["gbc"] == m["block_scores"]
 
     no_head_metric = cli("score", feats, "--metric", "nce")
     assert no_head_metric.returncode == 2 and "use `ddscore-jax rank`" in error_line(no_head_metric)

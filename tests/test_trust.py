@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
 from PIL import Image
 from scipy import stats
@@ -76,6 +75,136 @@ def test_rel_at_k_by_hand_and_degenerate_inputs():
     assert one.n_models == 1 and one.kendall_tau is None
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluate: bootstrap intervals over fine-tuning seeds and over targets
+
+
+def _seeded_accuracies(rng, true, seeds, noise=0.03):
+    return {f"m{i}": t + rng.normal(0.0, noise, size=seeds) for i, t in enumerate(true)}
+
+
+def test_replicate_statistics_are_scipys():
+    # The vectorised bootstrap statistics against scipy, replicate by replicate, ties included
+    # (accuracies are multiples of 1/n_held_out, so replicated means do tie).
+    rng = np.random.default_rng(3)
+    for m in (2, 5, 12):
+        s = rng.normal(size=m)
+        s[: m // 3] = np.round(s[: m // 3])
+        reps = np.round(rng.uniform(0, 1, size=(40, m)) * 8) / 8
+        order = np.argsort(-s, kind="stable")
+        got = ev._replicate_statistics(s, reps, order, ev.REL_AT)
+        for b, r in enumerate(reps):
+            point = ev._point_statistics(s, r, order, ev.REL_AT)
+            for key, value in point.items():
+                if value is None:
+                    assert np.isnan(got[key][b])
+                else:  # same formulas, summation order aside
+                    assert got[key][b] == pytest.approx(value, abs=1e-12), (key, m, b)
+
+
+def test_bootstrap_interval_covers_the_point_and_narrows_with_more_seeds():
+    rng = np.random.default_rng(11)
+    true = np.linspace(0.55, 0.85, 9)
+    scores = {f"m{i}": float(t + rng.normal(0.0, 0.04)) for i, t in enumerate(true)}
+    widths = {}
+    for seeds in (3, 12, 48):
+        acc = _seeded_accuracies(np.random.default_rng(seeds), true, seeds)
+        result = ev.evaluate_metric(scores, acc, "x", n_boot=2000, seed=5)
+        again = ev.evaluate_metric(scores, acc, "x", n_boot=2000, seed=5)
+        assert result.intervals == again.intervals  # seeded: the same numbers every run
+        assert result.seeds == [seeds] * 9
+        for key in ("weighted_tau", "kendall_tau", "pearson"):
+            low, high = result.intervals[key]
+            # Rank statistics are discrete: a point on the edge of its interval may differ in
+            # the last bit from a replicate of another order with the same value.
+            assert low - 1e-12 <= result.value(key) <= high + 1e-12, (key, seeds)
+        widths[seeds] = {k: np.subtract(*result.intervals[k][::-1])
+                         for k in ("weighted_tau", "kendall_tau", "pearson")}
+    for key in widths[3]:  # more seeds, less noise in the ground truth, narrower intervals
+        assert widths[3][key] > widths[12][key] > widths[48][key], key
+
+
+def test_one_seed_has_no_interval_and_targets_give_one(tmp_path):
+    rng = np.random.default_rng(2)
+    true = np.linspace(0.5, 0.9, 6)
+    groups = []
+    for t in range(4):
+        folder = tmp_path / f"target{t}"
+        folder.mkdir()
+        acc = {"models": [{"name": f"m{i}", "held_out_accuracy": float(a)}
+                          for i, a in enumerate(true + rng.normal(0, 0.03, 6))],
+               "dataset": {"root": str(folder)}}
+        good = [{"name": f"m{i}", "score": float(a + rng.normal(0, 0.02))}
+                for i, a in enumerate(true)]
+        bad = [{"name": f"m{i}", "score": float(rng.normal())} for i in range(6)]
+        doc = {"models": [{**g, "metrics": {"good": g["score"], "bad": b["score"]}}
+                          for g, b in zip(good, bad, strict=True)],
+               "settings": {"metrics": ["good", "bad"]}}
+        groups += [_write(folder / "scores.json", doc), _write(folder / "acc.json", acc)]
+    summary = ev.evaluate_targets(ev.group_files(groups), n_boot=500)
+    assert [e.target for e in summary.targets] == [f"target{t}" for t in range(4)]
+    for e in summary.targets:
+        assert all(v is None for m in e.metrics for v in m.intervals.values())  # one seed
+        assert e.better == []  # no spread within a target: nothing is called better
+    low, high = summary.mean["good"]["weighted_tau"][1]
+    taus = [m.weighted_tau for e in summary.targets for m in e.metrics if m.metric == "good"]
+    assert low <= np.mean(taus) <= high and low >= min(taus) and high <= max(taus)
+    assert ("good", "bad") in summary.better and ("bad", "good") not in summary.better
+    with pytest.raises(InputError, match="at least one SCORES"):
+        ev.group_files([groups[1]])
+    with pytest.raises(InputError, match="at least one SCORES"):
+        ev.group_files(groups[:3])
+
+
+def test_seeds_are_read_from_results(tmp_path):
+    doc = {"kind": ft.RESULTS_KIND, "models": [
+        {"name": "a", "held_out_accuracy": 0.8,
+         "seeds": [{"seed": 0, "held_out_accuracy": 0.7}, {"seed": 1, "held_out_accuracy": 0.9}]},
+        {"name": "b", "held_out_accuracy": 0.6},
+        # As `finetune` writes it: "seeds" holds the seed numbers, not accuracies.
+        {"name": "c", "held_out_accuracy": 0.5, "seed_accuracies": [0.4, 0.6], "seeds": [0, 1]},
+        {"name": "d", "held_out_accuracy": 0.5, "seeds": [0, 1]}]}
+    acc, _ = ev.read_seed_accuracies(_write(tmp_path / "r.json", doc))
+    assert acc["a"].tolist() == [0.7, 0.9] and acc["b"].tolist() == [0.6]
+    assert acc["c"].tolist() == [0.4, 0.6] and acc["d"].tolist() == [0.5]
+    assert ev.is_accuracies_file(tmp_path / "r.json")
+
+
+def test_evaluate_cli_two_targets_with_seeds(tmp_path):
+    rng = np.random.default_rng(4)
+    true = np.linspace(0.5, 0.9, 5)
+    files = []
+    for t in ("tiles", "pcb"):
+        (tmp_path / t).mkdir()
+        acc = {"kind": ft.RESULTS_KIND, "dataset": {"root": str(tmp_path / t)}, "models": [
+            {"name": f"m{i}", "held_out_accuracy": float(a),
+             "seeds": [{"seed": k, "held_out_accuracy": float(a + rng.normal(0, 0.02))}
+                       for k in range(3)]} for i, a in enumerate(true)]}
+        scores = {"models": [{"name": f"m{i}", "score": float(a + rng.normal(0, 0.05)),
+                              "metrics": {"ddscore": float(a), "knn": float(rng.normal())}}
+                             for i, a in enumerate(true)],
+                  "settings": {"metrics": ["ddscore", "knn"]},
+                  "dataset": {"root": str(tmp_path / t / "train")}}
+        files += [_write(tmp_path / f"{t}_scores.json", scores),
+                  _write(tmp_path / f"{t}_results.json", acc)]
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    run = cli("evaluate", *files, "--figure", figures, "--bootstrap", "200", "--json", "-")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert [t["target"] for t in doc["targets"]] == ["tiles", "pcb"]
+    for t in doc["targets"]:
+        for m in t["metrics"]:
+            low, high = m["intervals"]["weighted_tau"]
+            assert low - 1e-12 <= m["weighted_tau"] <= high + 1e-12
+            assert all(x["seeds"] == 3 for x in m["models"])
+    mean = doc["mean_over_targets"]["ddscore"]["weighted_tau"]
+    assert mean["interval"][0] <= mean["mean"] <= mean["interval"][1]
+    assert "mean over 2 targets" in run.stderr
+    assert sorted(p.name for p in figures.iterdir()) == ["pcb.png", "tiles.png"]
+    assert doc["figures"] == [str(figures / "tiles.png"), str(figures / "pcb.png")]
+
+
 def _write(path, doc):
     path.write_text(json.dumps(doc))
     return path
@@ -128,31 +257,35 @@ def test_reads_rank_json_and_multi_metric_files(tmp_path):
 # The full network
 
 
-def test_full_network_matches_torchvision(tmp_path):
-    """Imported weights through the zoo give torchvision's logits in the fine-tuning network."""
+def test_finetuning_network_keeps_the_source_and_adds_what_it_lacks(tmp_path):
+    """A converted checkpoint keeps every weight and BatchNorm statistic; a backbone-only one gets
+    a seeded torchvision-initialised layer4 with BatchNorm; both get a zero classifier."""
     net = torch_resnet("resnet18", seed=3, num_classes=5)
     imported = load_checkpoint(save_pth(net, tmp_path / "r18.pth"))
-    zoo.add(tmp_path / "zoo", [zoo.Addition("r18", tmp_path / "r18.pth", "pytorch", "0" * 64,
-                                            imported)])
-    entry = zoo.read(tmp_path / "zoo")[0]
-    stored = zoo.load_model(tmp_path / "zoo", entry)
-    assert stored.config.num_classes == 5
-    config, state, pretrained = ft.network(stored, 5, keep_fc=True)
-    assert pretrained
-    x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
-    ours = np.asarray(model.apply(config, state, x, logits=True)["logits"])
-    with torch.no_grad():
-        ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    # float32 forwards with BatchNorm folded one way and applied the other: 1e-4 of the scale.
-    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
-    # A fresh head for fine-tuning: zero logits, pre-trained layer4 kept (BatchNorm folded).
-    config, state, _ = ft.network(stored, 3)
-    assert np.all(np.asarray(model.apply(config, state, x, logits=True)["logits"]) == 0)
-    _, folded = model.fold(stored.config, stored.state_dict)
-    np.testing.assert_array_equal(model.to_state_dict(state)["layer4.1.conv2.weight"],
-                                  folded["layer4.1.conv2.weight"])
-    with pytest.raises(ValueError, match="5 classes"):
-        ft.network(stored, 3, keep_fc=True)
+    config, state, pretrained = ft.network(imported, 3)
+    assert pretrained and config.num_classes == 3 and config.batchnorm
+    sd = model.to_state_dict(state)
+    for key, value in imported.state_dict.items():
+        if not key.startswith("fc."):
+            np.testing.assert_array_equal(sd[key], value, err_msg=key)
+    assert not sd["fc.weight"].any() and not sd["fc.bias"].any()
+
+    backbone = zoo.ImportedModel(imported.config.backbone(),
+                                 {k: v for k, v in imported.state_dict.items()
+                                  if not k.startswith(("layer4.", "fc."))})
+    config, state, pretrained = ft.network(backbone, 3, seed=7)
+    assert not pretrained and config.depths == (2, 2, 2, 2)
+    fresh = model.to_state_dict(state)
+    np.testing.assert_array_equal(fresh["layer3.1.conv2.weight"],
+                                  imported.state_dict["layer3.1.conv2.weight"])
+    w = fresh["layer4.0.conv1.weight"]  # Kaiming normal, fan_out: std sqrt(2 / (512 * 9))
+    assert abs(w.std() / np.sqrt(2 / (512 * 9)) - 1) < 0.05
+    assert np.all(fresh["layer4.1.bn2.weight"] == 1)
+    assert np.all(fresh["layer4.1.bn2.running_var"] == 1)
+    again = model.to_state_dict(ft.network(backbone, 3, seed=7)[1])
+    assert all(np.array_equal(again[k], fresh[k]) for k in fresh)  # seeded
+    other = model.to_state_dict(ft.network(backbone, 3, seed=8)[1])
+    assert not np.array_equal(other["layer4.0.conv1.weight"], w)
 
 
 def test_cli_defaults_are_the_library_defaults():
@@ -160,6 +293,9 @@ def test_cli_defaults_are_the_library_defaults():
 
     defaults = {name: p.default for name, p in inspect.signature(trust.finetune).parameters.items()
                 if p.default is not inspect.Parameter.empty}
+    # The grid option is repeatable; its None stands for the library's grid.
+    assert defaults.pop("learning_rate") is None
+    defaults["learning_rates"] = ft.Settings.learning_rates
     for field, value in ft.Settings().__dict__.items():
         assert defaults[field] == value, field
 
@@ -179,7 +315,7 @@ def workspace(tmp_path_factory):
     backbone = model.CONFIGS["resnet18"].backbone()
     zoo.add(zoo_dir, [zoo.Addition("r18_backbone", root / "none", "demo", "1" * 64,
                                    zoo.ImportedModel(backbone,
-                                                     model.init_state_dict(backbone, seed=4)))])
+                                                     model.init_state_dict(backbone, 4)))])
     data = root / "data"
     write_image_folder(data / "train", per_class=11, classes=CLASSES, seed=1)
     write_image_folder(data / "valid", per_class=5, classes=CLASSES, seed=2)
@@ -189,7 +325,8 @@ def workspace(tmp_path_factory):
 def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     root, zoo_dir, data = workspace
     results = tmp_path / "results.json"
-    args = ("finetune", zoo_dir, data, "--out", results, "--image-size", SIZE, "--epochs", "2")
+    args = ("finetune", zoo_dir, data, "--out", results, "--image-size", SIZE, "--epochs", "2",
+            "--learning-rate", "1e-3", "--learning-rate", "1e-4")
     first = cli(*args, "--json", "-")
     assert first.returncode == 0, first.stderr
     doc = json.loads(results.read_text())
@@ -200,7 +337,9 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     assert by_name["r18_backbone"]["layer4"] == "fresh"
     for m in doc["models"]:
         assert m["n_held_out"] == 15 and m["steps"] == 3  # ceil(2 epochs * 33 / 32)
-        assert m["held_out_accuracy"] == m["correct"] / 15
+        assert m["held_out_accuracy"] == np.mean(m["correct"]) / 15
+        assert m["best_learning_rate"] in (1e-3, 1e-4) and len(m["seed_accuracies"]) == 1
+        assert set(m["accuracy_by_learning_rate"]) == {"0.001", "0.0001"}
         assert np.isfinite(m["final_train_loss"])
         assert m["settings"]["image_size"] == 32 and m["settings"]["optimizer"] == "adamw"
     assert doc["dataset"]["train"]["n_images"] == 33
@@ -213,13 +352,16 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     assert again.returncode == 0, again.stderr
     assert results.read_bytes() == before
 
-    # One model missing (an interrupted run): only that one is fine-tuned.
+    # The last run missing (an interrupted run): only that one is fine-tuned.
+    assert len(doc["runs"]) == 4  # 2 models x 2 learning rates x 1 seed
+    doc["runs"] = doc["runs"][:3]
     doc["models"] = doc["models"][:1]
     results.write_text(json.dumps(doc))
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     after = json.loads(results.read_text())
     assert after["models"][0] == doc["models"][0]  # kept as it was, seconds included
+    assert after["runs"][:3] == doc["runs"]  # and its runs not repeated
     assert [m["name"] for m in after["models"]] == ["r18_full", "r18_backbone"]
     # Same seeds, same batches: the recomputed model gets the same accuracy.
     assert after["models"][1]["correct"] == by_name["r18_backbone"]["correct"]
@@ -255,6 +397,60 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     leaky.write_text(json.dumps(doc_scores))
     refused = cli("evaluate", leaky, results, "--no-figure")
     assert refused.returncode == 2 and "held-out" in error_line(refused)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_grid_and_seeds_are_recorded_and_resume_without_repeating(workspace, tmp_path):
+    """Every (model, learning rate, seed) is one run, recorded as it finishes; an interrupted
+    call resumes with the runs it lacks, and a wider grid or more seeds reuse the runs done."""
+    _, zoo_dir, data = workspace
+    results = tmp_path / "r.json"
+    settings = ft.Settings(image_size=32, epochs=1, learning_rates=(1e-3, 1e-4), seeds=2, seed=5)
+    started: list[str] = []
+
+    def interrupt_third(description: str, done: int, total: int) -> None:
+        if description.startswith("fine-tuning") and description not in started:
+            started.append(description)
+            if len(started) == 3:  # a step into the third run
+                raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        ft.finetune(zoo_dir, data, results, settings, progress=interrupt_third)
+    doc = json.loads(results.read_text())
+    assert [(r["name"], r["learning_rate"], r["seed"]) for r in doc["runs"]] == [
+        ("r18_full", 1e-3, 5), ("r18_full", 1e-3, 6)]
+    assert doc["models"] == []  # no model has its whole grid yet
+
+    trained: list[str] = []
+    ft.finetune(zoo_dir, data, results, settings,
+                progress=lambda d, i, t: trained.append(d) if d.startswith("fine-tuning") and
+                i == 1 else None)
+    assert len(trained) == 6  # 8 runs, 2 done before
+    assert not any("lr 0.001, seed 5" in d and "r18_full" in d for d in trained)
+    doc = json.loads(results.read_text())
+    assert len(doc["runs"]) == 8
+    for m in doc["models"]:
+        runs = {(r["learning_rate"], r["seed"]): r["held_out_accuracy"] for r in doc["runs"]
+                if r["name"] == m["name"]}
+        means = {lr: (runs[lr, 5] + runs[lr, 6]) / 2 for lr in (1e-3, 1e-4)}
+        best = m["best_learning_rate"]
+        assert means[best] == max(means.values()) == m["held_out_accuracy"]
+        assert m["seed_accuracies"] == [runs[best, 5], runs[best, 6]] and m["seeds"] == [5, 6]
+        assert m["held_out_accuracy_sd"] == pytest.approx(np.std(m["seed_accuracies"], ddof=1))
+    assert {m["name"]: m["layer4"] for m in doc["models"]} == {"r18_full": "pretrained",
+                                                               "r18_backbone": "fresh"}
+
+    # A third seed: only its runs are new.
+    trained.clear()
+    more = ft.Settings(**{**settings.__dict__, "seeds": 3})
+    ft.finetune(zoo_dir, data, results, more,
+                progress=lambda d, i, t: trained.append(d) if d.startswith("fine-tuning") and
+                i == 1 else None)
+    assert len(trained) == 4 and all("seed 7" in d for d in trained)
+    assert all(len(m["seed_accuracies"]) == 3 for m in json.loads(results.read_text())["models"])
 
 
 @pytest.mark.parametrize("case,message", [
@@ -296,7 +492,8 @@ def test_finetune_bad_input_names_the_problem(workspace, tmp_path):
     with pytest.raises(InputError, match="folder .* does not exist"):
         ft.finetune(zoo_dir, data, tmp_path / "no" / "r.json")
     for bad in (ft.Settings(image_size=16), ft.Settings(epochs=0), ft.Settings(schedule="step"),
-                ft.Settings(learning_rate=-1.0), ft.Settings(momentum=1.0),
+                ft.Settings(learning_rates=(-1.0,)), ft.Settings(seeds=0),
+                ft.Settings(momentum=1.0),
                 ft.Settings(clip_norm=-1.0)):
         with pytest.raises(InputError, match="^--"):
             ft.finetune(zoo_dir, data, out, bad)
@@ -329,7 +526,43 @@ def test_transfer_benchmark_small_runs():
     for row in rows:
         for cell in row.strip("|").split("|")[1:]:
             cell = cell.strip()
-            assert cell == "n/a" or (re.fullmatch(r"[+-]\d\.\d{3}", cell)
-                                     and -1.0 <= float(cell) <= 1.0), row
+            # tau_w, with its 95% interval where there is one (the mean over targets).
+            match = re.fullmatch(r"([+-]\d\.\d{3})( \[[+-]\d\.\d\d, [+-]\d\.\d\d\])?", cell)
+            assert cell == "n/a" or (match and -1.0 <= float(match.group(1)) <= 1.0), row
     # Every model was fine-tuned on every target, with an accuracy to compare against.
     assert result.stderr.count("held-out accuracy:") == 2
+
+
+def test_transfer_benchmark_on_folders(tmp_path):
+    # Two tiny folders of classes as sources and as targets, beside the packaged sources (few
+    # steps): each target is split with a seed, scored on train/ only, and ranks a zoo without
+    # the model pre-trained on its own images.
+    folders = {name: write_image_folder(tmp_path / name, per_class=6, seed=k, size=(24, 24))
+               for k, name in enumerate(("alpha", "beta"))}
+    (tmp_path / "alpha" / "crack" / "notes.txt").write_text("not an image")
+    out = tmp_path / "bench"
+    args = [sys.executable, str(REPO / "benchmarks" / "transfer_zoo.py"), "--small",
+            "--pretrain-steps", "2", "--epochs", "1", "--train-per-class", "3",
+            "--valid-per-class", "2", "--out", str(out), "--json", str(tmp_path / "r.json")]
+    for name, folder in folders.items():
+        args += ["--source", f"{name}={folder}", "--target", f"{name}={folder}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "5 models, 2 targets" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    for name in folders:
+        target = report["targets"][name]
+        assert target["excluded"] == [f"resnet18_{name}"]
+        assert sorted(target["accuracy"]) == sorted(
+            m for m in report["models"] if m != f"resnet18_{name}")
+        assert (target["n_train"], target["n_held_out"]) == (9, 6)  # 3 classes x (3 + 2)
+        train = {p.name for p in (out / "targets" / name / "train").rglob("*.png")}
+        valid = {p.name for p in (out / "targets" / name / "valid").rglob("*.png")}
+        assert len(train) == 9 and len(valid) == 6 and not train & valid
+        scored = json.loads((out / "scores" / f"{name}.json").read_text())
+        assert scored["dataset"]["root"] == str((out / "targets" / name / "train").resolve())
+        assert (out / "figures" / f"{name}.png").is_file()
+    assert set(report["mean_over_targets"]) >= {"ddscore", "logme"}
+    bad = subprocess.run([*args[:2], "--source", f"x={tmp_path / 'missing'}"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
