@@ -58,6 +58,9 @@ MetricOpt = Annotated[list[str], typer.Option(
 DtypeOpt = Annotated[str, typer.Option(
     help="Forward dtype: float32, or bfloat16 for accelerators (features change slightly; the "
          "score stays float64).")]
+EngineOpt = Annotated[str, typer.Option(
+    help="Forward engine: auto (onnxruntime for a float32 forward on CPU when installed, "
+         "else jax), jax, or onnxruntime (the [cpu] extra).")]
 WorkersOpt = Annotated[int | None, typer.Option(
     help="Image decode threads (default: one per core, at most 8); 0 decodes inline.", min=0)]
 
@@ -176,13 +179,15 @@ def extract(
     image_size: SizeOpt = 224,
     dtype: DtypeOpt = "float32",
     workers: WorkersOpt = None,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Write the conv4_x features of every zoo model on DATA to OUT/<model>.npz."""
     from ddscore_jax import api
 
     with _Bars() as bars:
         written = api.extract(zoo_dir, data_root, out, batch_size=batch_size,
-                              image_size=image_size, dtype=dtype, workers=workers, progress=bars)
+                              image_size=image_size, dtype=dtype, workers=workers, engine=engine,
+                              progress=bars)
     for path in written:
         console.print(f"wrote {path}")
 
@@ -221,6 +226,7 @@ def rank(
     dtype: DtypeOpt = "float32",
     workers: WorkersOpt = None,
     metric: MetricOpt = ["ddscore"],  # noqa: B006 - Typer reads the default, never mutates it
+    engine: EngineOpt = "auto",
 ) -> None:
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
@@ -229,7 +235,7 @@ def rank(
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
                            use_cache=not no_cache, dtype=dtype, workers=workers,
-                           metrics=_split(metric), progress=bars)
+                           metrics=_split(metric), engine=engine, progress=bars)
     if ranking.cached:
         console.print(f"reused cached features of {len(ranking.cached)} model(s)")
     _print_ranking(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "

@@ -82,14 +82,15 @@ def _check_options(train_fraction: float, image_size: int) -> None:
 
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
             batch_size: int = 32, image_size: int = 224, dtype: str = "float32",
-            workers: int | None = None, progress: Progress | None = None) -> list[Path]:
+            workers: int | None = None, progress: Progress | None = None,
+            engine: str = "auto") -> list[Path]:
     """Write ``out/<model>.npz`` (docs/interface.md) for every zoo model; return the files."""
     _check_options(0.8, image_size)
     dataset = data.scan(data_root)
     _, models = load_zoo(zoo_dir)
     cache.enable_compilation_cache()
     feats = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
-                             dtype=dtype, workers=workers, progress=progress)
+                             dtype=dtype, workers=workers, progress=progress, engine=engine)
     written = []
     for m, f in zip(models, feats, strict=True):
         path = Path(out) / f"{m.name}.npz"
@@ -164,7 +165,8 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          batch_size: int = 32, image_size: int = 224, train_fraction: float = 0.8, seed: int = 0,
          cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
          precision: str | None = None, dtype: str = "float32", workers: int | None = None,
-         metrics: Sequence[str] = ("ddscore",), progress: Progress | None = None) -> Ranking:
+         metrics: Sequence[str] = ("ddscore",), progress: Progress | None = None,
+         engine: str = "auto") -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them by
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
     _check_options(train_fraction, image_size)
@@ -211,7 +213,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
                      for _, path, blocks, _ in jobs] if use_cache else None)
         fresh = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
                                  dtype=dtype, workers=workers, partials=partials,
-                                 progress=progress)
+                                 progress=progress, engine=engine)
         for (e, path, blocks, head), out, part in zip(jobs, fresh, partials or [None] * len(jobs),
                                                       strict=True):
             if blocks:
