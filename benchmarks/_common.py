@@ -66,7 +66,6 @@ def loaded_models(nets) -> list:
     """The same networks as ddscore-jax loads them (the real converter; BatchNorm is folded when
     the engine is built)."""
     from ddscore_jax.converters.torch import from_state_dict
-
     from ddscore_jax.extract import LoadedModel
 
     out = []

@@ -2,7 +2,8 @@
 
 The published score, per model and block, is four dense steps on the (n x d) features: the
 class-mean matrix, two full SVDs (rotation into each matrix's right-singular basis), two d x d
-covariances and ``trace(pinv(F, rcond=1e-10) @ G)``. Ours is the closed form of SPEC 1 (QR, then
+covariances and ``trace(pinv(F, rcond=1e-10) @ G)``. Ours is the closed form in docs/method.md (QR,
+then
 two small SVDs), in float64, jitted and vectorised over models and blocks.
 
 Both sides score the same float32 features (ReLU-like, with class structure) of ``--models``

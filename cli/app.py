@@ -1,7 +1,8 @@
 """``ddscore-jax``: a thin Typer front over the library. Parse, call, print.
 
 People read stderr (tables, progress); machines read ``--json`` (stdout with ``-``, or a file).
-Exit codes (SPEC 2): 0 success, 2 bad usage or bad input (one line, no traceback), 1 internal error.
+Exit codes (docs/interface.md): 0 success, 2 bad usage or bad input (one line, no traceback),
+1 internal error.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ddscore_jax.cli import trust
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ddscore_jax import __version__
+from ddscore_jax.cli import trust
 from ddscore_jax.errors import InputError
 
 app = typer.Typer(

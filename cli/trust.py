@@ -57,10 +57,10 @@ def finetune(
         "--json", metavar="PATH|-", help="Also write the results ('-' for stdout).")] = None,
 ) -> None:
     """Fine-tune every zoo model on DATA/train and record its accuracy on DATA/valid."""
-    from ddscore_jax.cli.app import _Bars, _write_json, console
     from rich.table import Table
 
     from ddscore_jax import finetune as ft
+    from ddscore_jax.cli.app import _Bars, _write_json, console
 
     grid = tuple(learning_rate) if learning_rate else ft.Settings.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
@@ -103,10 +103,10 @@ def evaluate(
 
     Prints a table (one row per metric), writes --json and a figure of scores against accuracy.
     """
-    from ddscore_jax.cli.app import _write_json, console
     from rich.table import Table
 
     from ddscore_jax import evaluate as ev
+    from ddscore_jax.cli.app import _write_json, console
 
     if len(files) < 2:
         raise InputError("evaluate: needs at least one SCORES file and then the ACCURACIES file")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddscore_jax.converters._common import ImportedModel
-
 from ddscore_jax.errors import InputError
 
 TORCH_SUFFIXES = (".pth", ".pt")

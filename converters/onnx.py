@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ddscore_jax.converters._common import (
     ImportedModel,
     detect_arch,
@@ -24,7 +25,6 @@ from ddscore_jax.converters._common import (
     fold_bn,
     split_backbone,
 )
-
 from ddscore_jax.errors import InputError
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")

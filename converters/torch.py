@@ -9,8 +9,8 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from ddscore_jax.converters._common import ImportedModel, first_line, imported
 
+from ddscore_jax.converters._common import ImportedModel, first_line, imported
 from ddscore_jax.errors import InputError
 
 # Where training scripts commonly nest the state_dict inside a checkpoint dict.

@@ -81,7 +81,7 @@ def _check_options(train_fraction: float, image_size: int) -> None:
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
             batch_size: int = 32, image_size: int = 224, dtype: str = "float32",
             workers: int | None = None, progress: Progress | None = None) -> list[Path]:
-    """Write ``out/<model>.npz`` (SPEC 2) for every zoo model. Returns the files written."""
+    """Write ``out/<model>.npz`` (docs/interface.md) for every zoo model; return the files."""
     _check_options(0.8, image_size)
     dataset = data.scan(data_root)
     _, models = load_zoo(zoo_dir)

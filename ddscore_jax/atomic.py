@@ -1,4 +1,5 @@
-"""Outputs appear whole or not at all (SPEC 2): write beside the target, then rename over it."""
+"""Outputs appear whole or not at all (docs/interface.md): write beside the target, then rename
+over it."""
 
 from __future__ import annotations
 

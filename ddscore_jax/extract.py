@@ -368,7 +368,7 @@ def extract_features(
 
 
 def save_features(path: Path, feats: dict[str, np.ndarray], dataset: data.Dataset) -> None:
-    """Write ``<model>.npz`` (SPEC 2) atomically: the file appears whole or not at all."""
+    """Write ``<model>.npz`` (docs/interface.md) atomically: it appears whole or not at all."""
     arrays = {b: np.asarray(v, np.float32) for b, v in feats.items()}
     arrays["labels"] = np.asarray(dataset.labels, np.int64)
     arrays["paths"] = np.array(dataset.paths, dtype=str)

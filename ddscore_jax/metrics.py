@@ -487,7 +487,7 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("ddscore", ddscore, False, "D-deepscore: tr(pinv(F) G), uncentred (SPEC 1)"),
+    Metric("ddscore", ddscore, False, "D-deepscore: tr(pinv(F) G), uncentred (docs/method.md)"),
     Metric("hscore", hscore, False, "H-score: tr(pinv(cov f) cov E[f|y])"),
     Metric("shrinkage_hscore", shrinkage_hscore, False, "H-score with Ledoit-Wolf cov f"),
     Metric("logme", logme, False, "LogME: max log evidence / n, mean over classes"),

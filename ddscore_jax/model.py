@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# --- Contract between the converters and the model (issue 8) -------------------------------------
+# --- Contract between the converters and the model ---------------------------------------------
 # Every converter returns ``(ResNetConfig, state_dict)``: the *canonical state dict* is the
 # checkpoint's own parameters as float32 NumPy arrays under timm's ``resnet.py`` names (a superset
 # of torchvision's), in torch layouts (conv OIHW, ``fc.weight`` (out, in)):

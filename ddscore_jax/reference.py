@@ -10,9 +10,9 @@ import numpy as np
 
 
 def published_score(f: np.ndarray, y: np.ndarray) -> float:
-    """SPEC 1's four steps as the reference writes them, in the dtype of ``f``: class-mean matrix,
-    rotation into each matrix's own right-singular basis (NumPy's default full SVD), uncentred
-    covariances, ``trace(pinv(F, rcond=1e-10) @ G)``."""
+    """The four steps of docs/method.md as the reference writes them, in the dtype of ``f``:
+    class-mean matrix, rotation into each matrix's own right-singular basis (NumPy's default full
+    SVD), uncentred covariances, ``trace(pinv(F, rcond=1e-10) @ G)``."""
     n = f.shape[0]
     g = np.empty_like(f)
     for c in np.unique(y):

@@ -1,4 +1,4 @@
-"""D-deepscore (SPEC section 1), jitted and vectorised over models and blocks.
+"""D-deepscore (docs/method.md), jitted and vectorised over models and blocks.
 
 The published score, for one block's features ``f`` (n x d) and labels ``y``, is
 ``trace(pinv(F, rcond=1e-10) @ G)`` with ``F``, ``G`` the uncentred covariances of ``f`` and of its

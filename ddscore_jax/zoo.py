@@ -1,4 +1,4 @@
-"""The model zoo on disk: one Orbax checkpoint per model plus ``zoo.json`` (docs/extraction.md).
+"""The model zoo on disk: one Orbax checkpoint per model plus ``zoo.json`` (docs/interface.md).
 
 ``zoo.json``: ``{"format": 2, "models": [{"name", "arch", "config", "source", "source_format",
 "sha256", "checkpoint"}]}`` with ``checkpoint`` relative to the zoo folder, ``arch`` the display
@@ -80,6 +80,8 @@ def read(zoo: str | os.PathLike, *, allow_missing: bool = False) -> list[ZooEntr
         fmt = doc.get("format", 1) if isinstance(doc, dict) else None
     except ValueError as e:
         raise InputError(f"{path}: not a valid zoo.json ({e})") from None
+    if fmt == 1 and doc.get("models") == []:
+        return []  # an empty zoo of the first format holds nothing to rebuild
     if fmt == 1 and isinstance(doc.get("models"), list):
         raise InputError(f"{path}: zoo of an older ddscore-jax (BatchNorm folded, no config); "
                          f"rebuild it in a new folder: {_rebuild_command(zoo, doc['models'])}")

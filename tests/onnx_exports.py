@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from helpers import randomise_batchnorm
 
-# Every exporter setting the ONNX importer must accept (issue 3), each once. TorchScript exporter
+# Every exporter setting the ONNX importer must accept, each once. TorchScript exporter
 # (dynamo=False): with constant folding, BatchNorm is folded into the convs; without it,
 # BatchNormalization nodes read their parameters through Identity. Dynamo exporter: optimised
 # (folded BN, ReduceMean head, weights in `.onnx.data` beside the model by default) and unoptimised

@@ -15,10 +15,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from ddscore_jax.converters._common import ImportedModel
 from PIL import Image
 
 from ddscore_jax import cache, data, model, pipeline, zoo
+from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import (
     LoadedModel,

@@ -13,8 +13,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from ddscore_jax.converters import load_checkpoint
-from ddscore_jax.converters._common import infer_config
 from flax import nnx
 from helpers import (
     cli,
@@ -28,6 +26,8 @@ from helpers import (
 )
 
 from ddscore_jax import model, zoo
+from ddscore_jax.converters import load_checkpoint
+from ddscore_jax.converters._common import infer_config
 from ddscore_jax.extract import load_features
 from ddscore_jax.reference import published_score
 from ddscore_jax.score import train_indices

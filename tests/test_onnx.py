@@ -1,4 +1,4 @@
-"""ONNX import (issue 3): every graph PyTorch 2.14's exporters write for a torchvision ResNet18/34
+"""ONNX import: every graph PyTorch 2.14's exporters write for a torchvision ResNet18/34
 imports to torchvision's features, ranks like its ``.pth``, and anything else is refused."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from ddscore_jax.converters import load_checkpoint
 from helpers import cli, error_line, rel_err, save_pth, torch_layer3_features, torch_resnet
 from onnx_exports import (
     EXPORT_BATCH,
@@ -24,6 +23,7 @@ from onnx_exports import (
 )
 
 from ddscore_jax import model
+from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.errors import InputError
 from ddscore_jax.score import BLOCKS, score_models
 

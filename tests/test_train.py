@@ -9,10 +9,10 @@ parameters and running statistics.
 import jax
 import numpy as np
 import torch
-from ddscore_jax.converters import load_checkpoint
 from helpers import save_pth, torch_resnet
 
 from ddscore_jax import model, train
+from ddscore_jax.converters import load_checkpoint
 
 STEPS = 3
 BATCH = 8

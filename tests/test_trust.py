@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ddscore_jax.converters import load_checkpoint
 from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
 from PIL import Image
 from scipy import stats
@@ -22,6 +21,7 @@ from scipy import stats
 from ddscore_jax import evaluate as ev
 from ddscore_jax import finetune as ft
 from ddscore_jax import model, zoo
+from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
