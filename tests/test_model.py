@@ -231,6 +231,7 @@ def test_config_json_round_trip_and_names():
         model.ResNetConfig.from_json({**odd.to_json(), "activation": "gelu"})
 
 
+@pytest.mark.slow  # three CLI processes compiling ResNet50-size programs: minutes on 2 cores
 def test_a_mixed_zoo_is_ranked_in_one_rank(tmp_path):
     # resnet18 (256-d features) + resnet50 + resnext50_32x4d (1024-d), through the real CLI.
     # Each model is scored on its own features; D-deepscore of each block equals the published
