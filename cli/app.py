@@ -8,6 +8,7 @@ Exit codes (docs/interface.md): 0 success, 2 bad usage or bad input (one line, n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ddscore_jax import __version__
+from ddscore_jax import __version__, interrupts
 from ddscore_jax.cli import trust
 from ddscore_jax.errors import InputError
 
@@ -151,9 +152,14 @@ def convert(
     """Import ResNet18/34 checkpoints into a model zoo (Orbax checkpoints + zoo.json)."""
     from ddscore_jax.convert import convert_sources
 
-    with _Bars() as bars:
-        written, skipped = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite,
-                                           progress=bars)
+    try:
+        with _Bars() as bars:
+            written, skipped = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite,
+                                               progress=bars)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "__notes__", None):  # stopped before the zoo was touched
+            e.add_note(f"nothing was added to {zoo_dir}")
+        raise
     for n in written:
         console.print(f"added [bold]{n}[/bold] to {zoo_dir}")
     for n in skipped:
@@ -270,9 +276,26 @@ def demo(
 trust.register(app)  # finetune, evaluate
 
 
+class _Stderr(logging.Handler):
+    """The library's warnings (a recomputed cache entry, a wait for a lock), one line each, on
+    whatever ``sys.stderr`` is at the time (rich redirects it above its progress bars)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("ddscore_jax")
+    if not logger.handlers:
+        logger.addHandler(_Stderr(logging.WARNING))
+        logger.propagate = False
+
+
 def main() -> None:
     """Console entry point: the one place that turns exceptions into exit codes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _log_to_stderr()
+    interrupts.install()
     try:
         if os.environ.get("DDSCORE_JAX_DISTRIBUTED"):  # multi-host: join before any device use
             from ddscore_jax.extract import initialize_distributed
@@ -283,9 +306,10 @@ def main() -> None:
         # One line, no traceback: it is the user's file or option, not our bug.
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupts.Terminated)
+        line, code = interrupts.exit_line(e)
+        print(line, file=sys.stderr)
+        sys.exit(code)
     except Exception as e:  # noqa: BLE001 - last resort: say it is ours, show the trace on request
         if os.environ.get("DDSCORE_JAX_DEBUG"):
             raise

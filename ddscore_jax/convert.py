@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,8 +10,6 @@ from ddscore_jax import zoo
 from ddscore_jax.converters import SUFFIXES, load_checkpoint, source_format
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import Progress
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def expand_sources(sources: Sequence[str | os.PathLike]) -> list[Path]:
@@ -45,9 +42,9 @@ def convert_sources(sources: Sequence[str | os.PathLike], zoo_dir: str | os.Path
     additions = []
     for i, path in enumerate(files):
         model_name = name if name is not None else path.stem
-        if not _NAME.match(model_name):
+        if not zoo.NAME.match(model_name):
             raise InputError(f"{path}: {model_name!r} is not a usable model name "
-                             "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
+                             f"({zoo.NAME_RULE})")
         fmt = source_format(path)
         imported = load_checkpoint(path)
         additions.append(zoo.Addition(model_name, path.resolve(), fmt, zoo.sha256_file(path),
