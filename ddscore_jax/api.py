@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,31 +176,40 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
     fingerprint = cache.dataset_fingerprint(dataset)
     features: dict[str, dict[str, np.ndarray]] = {}
-    todo: list[tuple[zoo.ZooEntry, Path]] = []
     cached = []
-    for e in entries:
-        path = cache.entry_path(cache_dir, e.sha256, fingerprint, image_size, dtype)
-        if use_cache and path.is_file():
-            try:
-                features[e.name] = load_features(path).features
+
+    def from_cache(todo):
+        # A damaged, tampered or misplaced entry is reported (stderr) and recomputed.
+        left = []
+        for e, entry in todo:
+            f = entry.load(e.name, len(dataset), SCORE_BLOCKS) if use_cache else None
+            if f is None:
+                left.append((e, entry))
+            else:
+                features[e.name] = f
                 cached.append(e.name)
-                continue
-            except InputError:
-                pass  # a damaged entry is recomputed and overwritten
-        todo.append((e, path))
-    if todo:
-        models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
-        # Finished batches are kept beside each entry, so an interrupted rank resumes.
-        partials = ([cache.PartialFeatures(cache.partial_path(path)) for _, path in todo]
-                    if use_cache else None)
-        fresh = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
-                                 dtype=dtype, workers=workers, partials=partials,
-                                 progress=progress)
-        for (e, path), f in zip(todo, fresh, strict=True):
-            features[e.name] = f
-            if use_cache:
-                save_features(path, f, dataset)
-                cache.PartialFeatures(cache.partial_path(path)).clear()
+        return left
+
+    if use_cache:
+        cache.sweep(cache_dir)
+    todo = from_cache([(e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size, dtype))
+                       for e in entries])
+    # One writer per entry: another rank extracting the same models finishes first, then we
+    # read what it wrote.
+    with cache.Entry.writing([entry for _, entry in todo]) if todo and use_cache else nullcontext():
+        todo = from_cache(todo)
+        if todo:
+            models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
+            # Finished batches are kept beside each entry, so an interrupted rank resumes.
+            partials = [entry.partial for _, entry in todo] if use_cache else None
+            fresh = extract_features(models, dataset, batch_size=batch_size,
+                                     image_size=image_size, dtype=dtype, workers=workers,
+                                     partials=partials, progress=progress)
+            for (e, entry), f in zip(todo, fresh, strict=True):
+                features[e.name] = f
+                if use_cache:
+                    entry.save(f, dataset)
+                    entry.partial.clear()
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
     head_probs = None
