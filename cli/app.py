@@ -118,6 +118,23 @@ def _write_json(doc: object, dest: str | None) -> None:
     write_json_atomic(path, doc)
 
 
+def _refuse_clobber(dest: str | os.PathLike | None, *inputs: Path) -> None:
+    """Refuse, before any work, an output path that would overwrite one of the command's inputs:
+    an input itself, a file already inside an input folder (``ZOO/zoo.json``, an image, a feature
+    file), or anything inside a zoo's checkpoint folder."""
+    if dest is None or str(dest) == "-":
+        return
+    target = Path(dest).resolve()
+    for given in inputs:
+        folder = Path(given).resolve()
+        inside = folder in target.parents
+        if target == folder or (inside and target.exists()) or \
+                (folder / "zoo.json").is_file() and (folder / "checkpoints") in [
+                    target, *target.parents]:
+            raise InputError(f"{dest}: would overwrite an input of this command (in {given}); "
+                             "write the output elsewhere")
+
+
 def _print_ranking(ranking, title: str) -> None:
     metrics = ranking.settings["metrics"]
     caption = f"score precision: {ranking.settings['precision']}"
@@ -177,8 +194,10 @@ def extract(
     workers: WorkersOpt = None,
 ) -> None:
     """Write the conv4_x features of every zoo model on DATA to OUT/<model>.npz."""
-    from ddscore_jax import api
+    from ddscore_jax import api, zoo
 
+    for e in zoo.read(zoo_dir):
+        _refuse_clobber(out / f"{e.name}.npz", zoo_dir, data_root)
     with _Bars() as bars:
         written = api.extract(zoo_dir, data_root, out, batch_size=batch_size,
                               image_size=image_size, dtype=dtype, workers=workers, progress=bars)
@@ -197,6 +216,7 @@ def score(
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
+    _refuse_clobber(json_out, feats)
     ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
                         metrics=_split(metric))
     _print_ranking(ranking, f"D-deepscore of {feats}")
@@ -223,6 +243,7 @@ def rank(
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
 
+    _refuse_clobber(json_out, zoo_dir, data_root, *([cache_dir] if cache_dir else []))
     with _Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
@@ -242,6 +263,7 @@ def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
 
     from ddscore_jax import zoo
 
+    _refuse_clobber(json_out, zoo_dir)
     entries = zoo.read(zoo_dir)
     table = Table(title=f"{zoo_dir}: {len(entries)} model(s)")
     for col in ("name", "arch", "source", "format", "sha256"):
@@ -291,6 +313,12 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
+def _exit_interrupted(e: KeyboardInterrupt) -> None:
+    line, code = interrupts.exit_line(e)
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
     """Console entry point: the one place that turns exceptions into exit codes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -307,9 +335,15 @@ def main() -> None:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupts.Terminated)
-        line, code = interrupts.exit_line(e)
-        print(line, file=sys.stderr)
-        sys.exit(code)
+        _exit_interrupted(e)
+    except SystemExit as e:
+        # Typer turns an interrupt into a silent exit 130; find it to say what was kept.
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        _exit_interrupted(cause)
     except Exception as e:  # noqa: BLE001 - last resort: say it is ours, show the trace on request
         if os.environ.get("DDSCORE_JAX_DEBUG"):
             raise

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddscore_jax import cache, data, zoo
+from ddscore_jax import cache, data, interrupts, zoo
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import (
     SCORE_BLOCKS,
@@ -170,6 +170,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
     _check_options(train_fraction, image_size)
     metrics = check_metrics(metrics)
+    interrupts.kept("nothing new was saved" + ("" if use_cache else " (--no-cache)"))
     cache.enable_compilation_cache()  # the forward and the score compile once per machine
     dataset = data.scan(data_root)
     entries = zoo.read_nonempty(zoo_dir)
@@ -205,11 +206,17 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
             fresh = extract_features(models, dataset, batch_size=batch_size,
                                      image_size=image_size, dtype=dtype, workers=workers,
                                      partials=partials, progress=progress)
-            for (e, entry), f in zip(todo, fresh, strict=True):
-                features[e.name] = f
-                if use_cache:
-                    entry.save(f, dataset)
-                    entry.partial.clear()
+            # A few small writes: an interrupt waits for them, so each model's rows end up
+            # either whole in the cache or still resumable beside it.
+            with interrupts.deferred("the features being saved to the cache"):
+                for (e, entry), f in zip(todo, fresh, strict=True):
+                    features[e.name] = f
+                    if use_cache:
+                        entry.save(f, dataset)
+                        entry.partial.clear()
+    if use_cache:
+        interrupts.kept(f"the features of all {len(entries)} model(s) are in the cache; the next "
+                        "run only scores")
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
     head_probs = None

@@ -89,17 +89,20 @@ _fault_lock = threading.Lock()
 def fault_point(step: str) -> None:
     """Test hook: signal this process at ``step`` when ``DDSCORE_JAX_FAULT`` names it.
 
-    ``DDSCORE_JAX_FAULT=<step>[@<n>][=<SIGNAL>]``: at the n-th time (default: first) the step is
-    reached, send the signal (default KILL; TERM and INT test the graceful paths).
+    ``DDSCORE_JAX_FAULT=<step>[@<n>][=<SIGNAL>][,...]``: at the n-th time (default: first) the
+    step is reached, send the signal (default KILL; TERM and INT test the graceful paths). Several
+    comma-separated faults chain, e.g. a TERM whose cleanup is then killed halfway.
     """
     spec = os.environ.get("DDSCORE_JAX_FAULT")
     if not spec:
         return
-    m = _FAULT.match(spec)
-    if not m or m["step"] != step:
+    for part in spec.split(","):
+        m = _FAULT.match(part.strip())
+        if not m or m["step"] != step:
+            continue
+        with _fault_lock:
+            _fault_counts[step] += 1
+            count = _fault_counts[step]
+        if count == int(m["nth"] or 1):
+            os.kill(os.getpid(), getattr(signal, f"SIG{m['sig'] or 'KILL'}"))
         return
-    with _fault_lock:
-        _fault_counts[step] += 1
-        count = _fault_counts[step]
-    if count == int(m["nth"] or 1):
-        os.kill(os.getpid(), getattr(signal, f"SIG{m['sig'] or 'KILL'}"))

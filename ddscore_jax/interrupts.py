@@ -57,8 +57,17 @@ def deferred(what: str) -> Iterator[None]:
         _raise(pending[0])
 
 
+_kept: list[str | None] = [None]
+
+
+def kept(what: str | None) -> None:
+    """Record what an interrupt from now on would leave done (None: forget it). The notes on the
+    exception, when it has any, say more precisely and win."""
+    _kept[0] = what
+
+
 def exit_line(e: KeyboardInterrupt) -> tuple[str, int]:
     """The CLI's last line and exit code for an interrupt: 130 for SIGINT, 143 for SIGTERM."""
     word, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-    notes = getattr(e, "__notes__", None)
+    notes = getattr(e, "__notes__", None) or ([_kept[0]] if _kept[0] else [])
     return (f"{word}: {'; '.join(notes)}" if notes else word), code

@@ -187,7 +187,7 @@ def add(zoo: str | os.PathLike, additions: list[Addition], *, overwrite: bool = 
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 e.add_note(f"nothing was added to {zoo}")
-            _sweep(zoo)  # our own temporaries, right away
+            _sweep(zoo, quiet=True)  # our own temporaries, right away
             raise
 
 
