@@ -179,11 +179,11 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     features: dict[str, dict[str, np.ndarray]] = {}
     cached = []
 
-    def from_cache(todo):
-        # A damaged, tampered or misplaced entry is reported (stderr) and recomputed.
+    def from_cache(todo, quiet=False):
+        # A damaged, tampered or misplaced entry is reported (stderr, once) and recomputed.
         left = []
         for e, entry in todo:
-            f = entry.load(e.name, len(dataset), SCORE_BLOCKS) if use_cache else None
+            f = entry.load(e.name, len(dataset), SCORE_BLOCKS, quiet=quiet) if use_cache else None
             if f is None:
                 left.append((e, entry))
             else:
@@ -198,7 +198,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     # One writer per entry: another rank extracting the same models finishes first, then we
     # read what it wrote.
     with cache.Entry.writing([entry for _, entry in todo]) if todo and use_cache else nullcontext():
-        todo = from_cache(todo)
+        todo = from_cache(todo, quiet=True)
         if todo:
             models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
             # Finished batches are kept beside each entry, so an interrupted rank resumes.

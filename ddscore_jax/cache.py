@@ -138,16 +138,19 @@ class Entry:
     def lock_file(self) -> Path:
         return self.path.parent / LOCKS / f"{self.path.stem}.lock"
 
-    def load(self, name: str, n: int, blocks: Sequence[str]) -> dict[str, np.ndarray] | None:
+    def load(self, name: str, n: int, blocks: Sequence[str], *,
+             quiet: bool = False) -> dict[str, np.ndarray] | None:
         """``{block: (n, d)}`` when the entry exists and is intact, else None. An entry that exists
-        but cannot be trusted is reported on stderr (naming model ``name``) and recomputed."""
+        but cannot be trusted is reported on stderr (naming model ``name``; not when ``quiet``)
+        and recomputed."""
         if not self.path.is_file():
             return None
         reason = self._check(n, blocks)
         if isinstance(reason, dict):
             return reason
-        log.warning("%s: cached features of model %r %s; recomputing them", self.path, name,
-                    reason)
+        if not quiet:
+                log.warning("%s: cached features of model %r %s; recomputing them", self.path,
+                        name, reason)
         return None
 
     def _check(self, n: int, blocks: Sequence[str]) -> dict[str, np.ndarray] | str:
