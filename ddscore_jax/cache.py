@@ -33,6 +33,7 @@ import numpy as np
 
 from ddscore_jax import data, lock
 from ddscore_jax.atomic import atomic_path
+from ddscore_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,12 @@ class Entry:
         overlapping sets cannot deadlock) for the block."""
         with ExitStack() as stack:
             for lock_file in sorted({e.lock_file for e in entries}):
-                lock_file.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    lock_file.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise InputError(f"{lock_file.parent.parent}: cannot write the feature "
+                                     f"cache here ({e.strerror}); use --cache-dir or --no-cache"
+                                     ) from None
                 stack.enter_context(lock.exclusive(lock_file, f"cache entry {lock_file.stem}"))
             yield
 
@@ -220,7 +226,10 @@ def sweep(cache_dir: str | os.PathLike) -> None:
     for key, paths in stale.items():
         if not paths:
             continue
-        (cache_dir / LOCKS).mkdir(exist_ok=True)
+        try:
+            (cache_dir / LOCKS).mkdir(exist_ok=True)
+        except OSError:
+            return  # a cache we cannot write: nothing there we could remove
         with lock.if_free(cache_dir / LOCKS / f"{key}.lock") as free:
             if not free:
                 continue

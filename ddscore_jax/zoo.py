@@ -183,12 +183,16 @@ def add(zoo: str | os.PathLike, additions: list[Addition], *, overwrite: bool = 
     with lock.exclusive(zoo / LOCK_FILE, f"zoo {zoo}"):
         _sweep(zoo)
         try:
-            return _add_locked(zoo, read(zoo, allow_missing=True), additions, overwrite)
+            written = _add_locked(zoo, read(zoo, allow_missing=True), additions, overwrite)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 e.add_note(f"nothing was added to {zoo}")
             _sweep(zoo, quiet=True)  # our own temporaries, right away
             raise
+        # Committed. The obsolete checkpoints go now; a crash before this ends leaves them, and
+        # the journal naming them, to the next sweep.
+        _sweep(zoo, quiet=True)
+        return written
 
 
 # Written before the first checkpoint is placed, removed once the update is complete: the folders
@@ -245,11 +249,10 @@ def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
         entries[a.name] = ZooEntry(a.name, a.model.arch, os.path.relpath(a.source, zoo),
                                    a.source_format, a.sha256,
                                    f"{CHECKPOINTS}/{finals[a.name].name}")
-    write_json_atomic(zoo / ZOO_FILE, {"models": [asdict(e) for e in entries.values()]},
-                      step="zoo.json")
-    # Committed. The obsolete checkpoints go now; a crash before this ends leaves them, and the
-    # journal naming them, to the next sweep.
-    _sweep(zoo, quiet=True)
+    # The commit point; an interrupt waits for it so that "nothing was added" stays true.
+    with interrupts.deferred("zoo.json being written"):
+        write_json_atomic(zoo / ZOO_FILE, {"models": [asdict(e) for e in entries.values()]},
+                          step="zoo.json")
     return [a.name for a in todo]
 
 

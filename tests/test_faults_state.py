@@ -38,7 +38,8 @@ def files(tmp_path_factory):
 
 
 def models_of(zoo_dir: Path) -> dict[str, str]:
-    return {m["name"]: m["sha256"] for m in json.loads((zoo_dir / "zoo.json").read_text())["models"]}
+    doc = json.loads((zoo_dir / "zoo.json").read_text())
+    return {m["name"]: m["sha256"] for m in doc["models"]}
 
 
 def assert_at_rest(zoo_dir: Path) -> None:
