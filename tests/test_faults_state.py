@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,40 @@ def test_two_converts_into_one_zoo_both_land(files, tmp_path):
             p.stderr.close()
         assert sorted(models_of(zoo_dir)) == ["m2", "m3"], trial
         assert_at_rest(zoo_dir)
+
+
+def test_a_failed_orbax_save_leaves_nothing(files, tmp_path):
+    root, _ = files
+    zoo_dir = tmp_path / "zoo"
+    assert cli("convert", root / "old", "--zoo", zoo_dir).returncode == 0
+    before = (zoo_dir / "zoo.json").read_bytes()
+    exe = shutil.which("ddscore-jax") or sys.executable
+    # A 4 MB file-size limit: Orbax fails halfway through the 45 MB checkpoint (EFBIG; Python
+    # ignores SIGXFSZ), as on a full disk.
+    result = subprocess.run(
+        [exe, "convert", root / "more", "--zoo", zoo_dir], capture_output=True, text=True,
+        timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20,) * 2))
+    assert result.returncode in (1, 2), result.stderr  # the message is issue 12's other half
+    assert (zoo_dir / "zoo.json").read_bytes() == before
+    assert_at_rest(zoo_dir)
+
+
+def test_two_ranks_on_one_cache_extract_once(small_zoo, tmp_path):
+    zoo_dir, data, clean = small_zoo
+    cache_dir = tmp_path / "cache"
+    cmd = [shutil.which("ddscore-jax") or sys.executable, "rank", zoo_dir, data, *RANK,
+           "--cache-dir", cache_dir, "--json", "-"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert {m["name"]: m["score"] for m in json.loads(out)["models"]} == {
+            m["name"]: m["score"] for m in clean}
+    # One extracted; the other waited for its locks and read what it wrote.
+    assert sum("reused cached features of 2 model(s)" in err for _, err in outs) == 1
+    assert len(list(cache_dir.glob("*.npz"))) == 2
+    assert_cache_at_rest(cache_dir)
 
 
 # ------------------------------------------------------------------------- kill -9 in convert
