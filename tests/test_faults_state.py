@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ddscore_jax.converters._common import ImportedModel
 from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
 
 from ddscore_jax import api, atomic, cache, model, zoo
+from ddscore_jax.converters._common import ImportedModel
 
 SIZE = "32"
 RANK = ("--image-size", SIZE, "--batch-size", "2")
