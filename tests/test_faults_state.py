@@ -241,6 +241,22 @@ def test_one_sha256_two_checkpoints_two_cache_entries(tmp_path, files):
     assert {m.name: m.score for m in second.models} == first
 
 
+def test_a_reader_of_a_replaced_model_is_told_to_run_again(tmp_path):
+    # Readers take no lock: one that read zoo.json before an --overwrite finds the old checkpoint
+    # gone, and says why instead of "missing".
+    zoo_dir = tmp_path / "zoo"
+    add_model(zoo_dir, "a", 0, "0" * 64)
+    [before] = zoo.read(zoo_dir)
+    zoo.add(zoo_dir, [zoo.Addition("a", zoo_dir / "a.pth", "pytorch", "1" * 64, ImportedModel(
+        "resnet18", model.init_flat("resnet18", 1)))], overwrite=True)
+    [after] = zoo.read(zoo_dir)
+    assert after.checkpoint != before.checkpoint
+    assert not (zoo_dir / before.checkpoint).exists()
+    with pytest.raises(zoo.InputError, match="was replaced while this command ran"):
+        zoo.load_params(zoo_dir, before)
+    assert zoo.load_params(zoo_dir, after)
+
+
 # ------------------------------------------------------------------- hostile names, clobbering
 
 def test_a_zoo_name_that_escapes_is_refused(small_zoo, tmp_path):
