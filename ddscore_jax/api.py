@@ -183,7 +183,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
         # A damaged, tampered or misplaced entry is reported (stderr, once) and recomputed.
         left = []
         for e, entry in todo:
-            f = entry.load(e.name, len(dataset), SCORE_BLOCKS, quiet=quiet) if use_cache else None
+            f = entry.load(e.name, len(dataset), SCORE_BLOCKS, quiet=quiet)
             if f is None:
                 left.append((e, entry))
             else:
@@ -193,12 +193,15 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
 
     if use_cache:
         cache.sweep(cache_dir)
-    todo = from_cache([(e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size, dtype))
-                       for e in entries])
+        todo = from_cache([(e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size,
+                                              dtype)) for e in entries])
+    else:
+        todo = [(e, None) for e in entries]
     # One writer per entry: another rank extracting the same models finishes first, then we
     # read what it wrote.
     with cache.Entry.writing([entry for _, entry in todo]) if todo and use_cache else nullcontext():
-        todo = from_cache(todo, quiet=True)
+        if use_cache:
+            todo = from_cache(todo, quiet=True)
         if todo:
             models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
             # Finished batches are kept beside each entry, so an interrupted rank resumes.
