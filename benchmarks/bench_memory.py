@@ -30,7 +30,8 @@ CHILD = textwrap.dedent("""
     from ddscore_jax.extract import LoadedModel, extract_features
     root, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     ds = data.scan(root)
-    models = [LoadedModel("m", "resnet18", model.init_flat("resnet18"))]
+    config = model.CONFIGS["resnet18"]
+    models = [LoadedModel("m", config, model.init_state_dict(config))]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     feats = extract_features(models, ds, batch_size=batch, image_size=size)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddscore_jax import cache, data, evaluate, finetune, fullmodel, zoo
+from ddscore_jax import cache, data, evaluate, finetune, model, zoo
 
 ARCH = "resnet18"
 SEED = 0
@@ -228,11 +228,18 @@ def _digest(flat: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _addition(name: str, state) -> zoo.Addition:
-    backbone, head = fullmodel.split_flat(state)
+def _addition(name: str, config: model.ResNetConfig, state) -> zoo.Addition:
+    sd = model.to_state_dict(state)
     return zoo.Addition(name=name, source=Path(f"benchmark:{name}"), source_format="benchmark",
-                        sha256=_digest({**backbone, **head}),
-                        model=zoo.ImportedModel(arch=ARCH, params=backbone, head=head))
+                        sha256=_digest(sd), model=zoo.ImportedModel(config, sd))
+
+
+def _fresh(config: model.ResNetConfig, seed: int):
+    # torchvision's init, each residual branch's last conv and the classifier zeroed: without
+    # BatchNorm nothing else keeps a deep random stack's activations in range.
+    sd = model.init_state_dict(config, seed, zero_init_residual=True)
+    sd["fc.weight"] = np.zeros_like(sd["fc.weight"])
+    return model.from_state_dict(sd, config)
 
 
 def build_zoo(cfg: Config, zoo_dir: Path, log) -> list[str]:
@@ -240,8 +247,9 @@ def build_zoo(cfg: Config, zoo_dir: Path, log) -> list[str]:
     settings = finetune.Settings(image_size=cfg.image_size, batch_size=cfg.pretrain_batch,
                                  optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4,
                                  seed=SEED)
-    graphdef, _ = fullmodel.init(ARCH, SOURCE_CLASSES)
-    trainer = finetune.Trainer(graphdef, settings)
+    config = model.ResNetConfig("basic", (2, 2, 2, 2), num_classes=SOURCE_CLASSES,
+                                batchnorm=False)
+    trainer = finetune.Trainer(config, settings)
     additions = []
     for k, name in enumerate(cfg.sources):
         task = source_task(name)
@@ -251,17 +259,16 @@ def build_zoo(cfg: Config, zoo_dir: Path, log) -> list[str]:
             lengths.append(("_short", max(1, cfg.pretrain_steps // 6)))
         for suffix, steps in lengths:
             started = time.monotonic()
-            _, state = fullmodel.init(ARCH, SOURCE_CLASSES, seed=SEED + k)
+            state = _fresh(config, SEED + k)
             state, loss = trainer.train(state, x, y, steps=steps, seed=SEED + k)
             probe = np.random.default_rng(SEED).permutation(len(x))[:256]
             acc = trainer.accuracy(state, x[probe], y[probe], 256)
             log(f"  pre-trained {ARCH}_{name}{suffix}: {len(x)} images, {steps} steps, "
                 f"loss {loss:.3f}, accuracy on {len(probe)} of them {acc:.3f}, "
                 f"{time.monotonic() - started:.0f} s")
-            additions.append(_addition(f"{ARCH}_{name}{suffix}", state))
+            additions.append(_addition(f"{ARCH}_{name}{suffix}", config, state))
     if cfg.random_model:
-        _, state = fullmodel.init(ARCH, SOURCE_CLASSES, seed=SEED + 99)
-        additions.append(_addition(f"{ARCH}_random", state))
+        additions.append(_addition(f"{ARCH}_random", config, _fresh(config, SEED + 99)))
     zoo.add(zoo_dir, additions)
     return [a.name for a in additions]
 

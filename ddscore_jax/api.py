@@ -13,7 +13,6 @@ import numpy as np
 from ddscore_jax import cache, data, interrupts, zoo
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import (
-    SCORE_BLOCKS,
     LoadedModel,
     Progress,
     extract_features,
@@ -22,6 +21,7 @@ from ddscore_jax.extract import (
 )
 from ddscore_jax.metrics import METRICS
 from ddscore_jax.metrics import score_models as score_with
+from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.score import RCOND, ModelScore, precision_for
 
 
@@ -53,9 +53,11 @@ def _finite(x: float) -> float | None:
 
 
 def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[LoadedModel]]:
-    """Every model of a zoo with its parameters. InputError for a missing or empty zoo."""
+    """Every model of a zoo with its parameters, set to give its conv4_x features. InputError
+    for a missing or empty zoo."""
     entries = zoo.read_nonempty(zoo_dir)
-    return entries, [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e in entries]
+    return entries, [LoadedModel(e.name, e.config, zoo.load_state_dict(zoo_dir, e))
+                     for e in entries]
 
 
 def _settings(train_fraction: float, seed: int, image_size: int | None, precision: str,
@@ -135,6 +137,18 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
     return names or ["ddscore"]
 
 
+def _by_width(inputs: dict, head: bool) -> list[dict]:
+    """``inputs`` split into groups of models whose features have the same width (head metrics
+    take any mix of widths in one call)."""
+    if head:
+        return [inputs] if inputs else []
+    groups: dict[tuple, dict] = {}
+    for name, feats in inputs.items():
+        key = tuple(sorted((b, np.shape(v)[-1]) for b, v in feats.items()))
+        groups.setdefault(key, {})[name] = feats
+    return list(groups.values())
+
+
 def _score(features, labels, train_fraction, seed, precision, where, metrics=("ddscore",),
            head_probs=None) -> list[ModelScore]:
     """Every model under every metric; ranked by the first metric (models it cannot score last)."""
@@ -145,9 +159,13 @@ def _score(features, labels, train_fraction, seed, precision, where, metrics=("d
             inputs = features
             if METRICS[metric].needs_head:
                 inputs = {n: p for n, p in (head_probs or {}).items() if p is not None}
-            ranked = score_with(inputs, labels, metric=metric, train_fraction=train_fraction,
-                                seed=seed, precision=precision)
-            results[metric] = {r.name: r for r in ranked}
+            results[metric] = {}
+            # A zoo may mix feature sizes (256-d BasicBlock, 1024-d Bottleneck nets): each model
+            # is scored on its own features, models of one size together (one stacked call).
+            for group in _by_width(inputs, METRICS[metric].needs_head):
+                ranked = score_with(group, labels, metric=metric, train_fraction=train_fraction,
+                                    seed=seed, precision=precision)
+                results[metric].update({r.name: r for r in ranked})
     except ValueError as e:
         raise InputError(f"{where}: {e}") from None
     primary = results[metrics[0]]
@@ -176,59 +194,76 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     entries = zoo.read_nonempty(zoo_dir)
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
     fingerprint = cache.dataset_fingerprint(dataset)
+    n = len(dataset)
+    # LEEP/NCE read the source classifier: only models whose checkpoint has one (fc) get it.
+    want_head = any(METRICS[m].needs_head for m in metrics)
     features: dict[str, dict[str, np.ndarray]] = {}
+    head_probs: dict[str, np.ndarray | None] = {}
     cached = []
 
-    def from_cache(todo, quiet=False):
-        # A damaged, tampered or misplaced entry is reported (stderr, once) and recomputed.
-        left = []
-        for e, entry in todo:
-            f = entry.load(e.name, len(dataset), SCORE_BLOCKS, quiet=quiet)
-            if f is None:
-                left.append((e, entry))
-            else:
+    def plan(e: zoo.ZooEntry, entry: cache.Entry | None, quiet: bool) -> tuple[int, str | None]:
+        # What is left to compute for model ``e``: (number of blocks, head). A damaged, tampered
+        # or misplaced feature entry is reported (stderr, once) and recomputed.
+        if entry is not None and e.name not in features:
+            f = entry.load(e.name, n, SCORE_BLOCKS, quiet=quiet)
+            if f is not None:
                 features[e.name] = f
                 cached.append(e.name)
-        return left
+        blocks, head = (0 if e.name in features else len(SCORE_BLOCKS)), None
+        if want_head and e.config.num_classes:
+            if head_probs.get(e.name) is None and entry is not None:
+                head_probs[e.name] = cache.load_probabilities(
+                    cache.probabilities_path(entry.path), n)
+            if head_probs.get(e.name) is None:
+                head = "probabilities"
+        else:
+            head_probs[e.name] = None
+        return blocks, head
 
     if use_cache:
         cache.sweep(cache_dir)
-        todo = from_cache([(e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size,
-                                              dtype)) for e in entries])
-    else:
-        todo = [(e, None) for e in entries]
+    jobs = [(e, entry, *plan(e, entry, False)) for e, entry in (
+        (e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size, dtype)
+         if use_cache else None) for e in entries)]
+    jobs = [j for j in jobs if j[2] or j[3]]
     # One writer per entry: another rank extracting the same models finishes first, then we
     # read what it wrote.
-    with cache.Entry.writing([entry for _, entry in todo]) if todo and use_cache else nullcontext():
+    with cache.Entry.writing([j[1] for j in jobs]) if jobs and use_cache else nullcontext():
         if use_cache:
-            todo = from_cache(todo, quiet=True)
-        if todo:
-            models = [LoadedModel(e.name, e.arch, zoo.load_params(zoo_dir, e)) for e, _ in todo]
-            # Finished batches are kept beside each entry, so an interrupted rank resumes.
-            partials = [entry.partial for _, entry in todo] if use_cache else None
+            jobs = [(e, entry, *plan(e, entry, True)) for e, entry, _, _ in jobs]
+            jobs = [j for j in jobs if j[2] or j[3]]
+        if jobs:
+            models = [LoadedModel(e.name, e.config, zoo.load_state_dict(zoo_dir, e), blocks,
+                                  head) for e, _, blocks, head in jobs]
+            # Finished batches are kept beside each entry, so an interrupted rank resumes; a job
+            # for the probabilities alone keeps them beside the probabilities' entry.
+            partials = ([entry.partial if blocks else cache.PartialFeatures(
+                            cache.partial_path(cache.probabilities_path(entry.path)))
+                         for _, entry, blocks, _ in jobs] if use_cache else None)
             fresh = extract_features(models, dataset, batch_size=batch_size,
                                      image_size=image_size, dtype=dtype, workers=workers,
                                      partials=partials, progress=progress)
             # A few small writes: an interrupt waits for them, so each model's rows end up
             # either whole in the cache or still resumable beside it.
             with interrupts.deferred("the features being saved to the cache"):
-                for (e, entry), f in zip(todo, fresh, strict=True):
-                    features[e.name] = f
-                    if use_cache:
-                        entry.save(f, dataset)
-                        entry.partial.clear()
+                for (e, entry, blocks, head), out, part in zip(
+                        jobs, fresh, partials or [None] * len(jobs), strict=True):
+                    if blocks:
+                        features[e.name] = {b: out[b] for b in SCORE_BLOCKS}
+                        if use_cache:
+                            entry.save(features[e.name], dataset)
+                    if head:
+                        head_probs[e.name] = out[head]
+                        if use_cache:
+                            cache.save_probabilities(cache.probabilities_path(entry.path),
+                                                     out[head])
+                    if part is not None:
+                        part.clear()
     if use_cache:
         interrupts.kept(f"the features of all {len(entries)} model(s) are in the cache; the next "
                         "run only scores")
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
-    head_probs = None
-    if any(METRICS[m].needs_head for m in metrics):
-        from ddscore_jax.source_head import source_probabilities
-
-        head_probs = source_probabilities(zoo_dir, entries, dataset, batch_size=batch_size,
-                                          image_size=image_size, workers=workers,
-                                          progress=progress)
     ranked = _score(ordered, dataset.labels, train_fraction, seed, precision, str(data_root),
                     metrics, head_probs)
     info = {"root": str(Path(data_root).resolve()), "n_images": len(dataset),

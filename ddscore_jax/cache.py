@@ -11,6 +11,10 @@ anything else (another model's entry copied in its place) or whose values change
 written (a valid ``.npz`` with new values). Entries are written atomically, by one process at a
 time (:meth:`Entry.writing`, a lock per entry); :func:`sweep` removes what killed writers left.
 
+Beside a model's feature entry ``<key>.npz`` sits ``<key>.probabilities.npz``: its source
+classifier's softmax on the same images (LEEP, NCE), same key, so a second ``rank --metric leep``
+decodes nothing.
+
 An extraction in progress keeps its finished batches beside the entry it will become
 (:class:`PartialFeatures`), so an interrupted one resumes where it stopped. Compiled XLA programs
 are cached too, under ``cache_root()/"jax"`` (:func:`enable_compilation_cache`).
@@ -150,7 +154,7 @@ class Entry:
         if isinstance(reason, dict):
             return reason
         if not quiet:
-                log.warning("%s: cached features of model %r %s; recomputing them", self.path,
+            log.warning("%s: cached features of model %r %s; recomputing them", self.path,
                         name, reason)
         return None
 
@@ -218,7 +222,7 @@ def sweep(cache_dir: str | os.PathLike) -> None:
         if p.name.startswith(".") and p.name.endswith(".tmp"):
             stale.setdefault(key, []).append(p)
         elif p.name.endswith(".partial") and p.is_dir():
-            if (cache_dir / f"{key}.npz").is_file():
+            if (cache_dir / (p.name.removesuffix(".partial") + ".npz")).is_file():
                 stale.setdefault(key, []).append(p)  # completed: the rows were moved on
             else:
                 stale.setdefault(key, []).extend(p.glob(".*.tmp"))
@@ -238,6 +242,28 @@ def sweep(cache_dir: str | os.PathLike) -> None:
                 removed += 1
     if removed:
         log.warning("%s: removed %d leftover(s) of an interrupted run", cache_dir, removed)
+
+
+def probabilities_path(entry: Path) -> Path:
+    """Where the source classifier's probabilities for feature entry ``entry`` are kept."""
+    return entry.with_name(entry.stem + ".probabilities.npz")
+
+
+def save_probabilities(path: Path, probabilities: np.ndarray) -> None:
+    """Write ``{"probabilities": (n, Z) float32}`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, probabilities=np.asarray(probabilities, np.float32))
+
+
+def load_probabilities(path: Path, n: int) -> np.ndarray | None:
+    """The cached (n, Z) probabilities, or None when missing or damaged (then recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            p = z["probabilities"]
+    except Exception:  # noqa: BLE001 - any unreadable entry is simply recomputed
+        return None
+    return p if p.ndim == 2 and p.shape[0] == n else None
 
 
 def partial_path(entry: Path) -> Path:

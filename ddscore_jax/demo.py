@@ -45,8 +45,11 @@ from ddscore_jax.errors import InputError
 
 DEMO_IMAGE_SIZE = 32
 # Bump when anything that changes the zoo or the target changes: an older cache is then rebuilt.
-DEMO_VERSION = 1
+# 2: the zoo keeps the canonical state dict (zoo format 2).
+DEMO_VERSION = 2
 ARCH = "resnet18"
+# ResNet18 to conv4_x, trained without BatchNorm (conv biases instead).
+BACKBONE = model.ResNetConfig("basic", (2, 2, 2, 0), batchnorm=False)
 ZOO_DIR = "zoo"
 DATA_DIR = "target"
 MARKER = "demo.json"
@@ -244,12 +247,12 @@ class _Classifier(nnx.Module):
     """The backbone plus a temporary linear head on the last conv4_x block, averaged over space."""
 
     def __init__(self, rngs: nnx.Rngs):
-        self.backbone = model.ResNetConv4(ARCH, rngs=rngs)
-        self.head = nnx.Linear(model.FEATURE_DIM, HEAD_CLASSES, rngs=rngs)
-        self.last_block = model.block_names(ARCH)[-1]
+        self.backbone = model.ResNet(BACKBONE, rngs=rngs)
+        self.head = nnx.Linear(BACKBONE.feature_dim, HEAD_CLASSES, rngs=rngs)
+        self.last_block = model.block_names(BACKBONE)[-1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(self.backbone(x)[self.last_block])
+        return self.head(self.backbone.features(x, stop_at=None)[self.last_block])
 
 
 @functools.cache
@@ -351,8 +354,7 @@ class Trainer:
 
 def backbone_flat(params: nnx.State) -> dict[str, np.ndarray]:
     """The backbone part of a classifier state as the zoo's flat tree (float32 numpy)."""
-    flat = model.state_to_flat(params["backbone"])
-    return {k: np.asarray(v, dtype=np.float32) for k, v in flat.items()}
+    return model.to_state_dict(params["backbone"])
 
 
 def params_sha256(flat: dict[str, np.ndarray]) -> str:
@@ -482,11 +484,11 @@ def _build(zoo_dir: Path, data_dir: Path, config: DemoConfig,
                   "optimizer": f"adam, learning rate {config.learning_rate}",
                   "init": f"Flax's default initialisers (NumPy seed {SEED + k}), "
                           "every conv2 zeroed",
-                  "head": f"linear on the averaged {model.block_names(ARCH)[-1]}, not stored"}
+                  "head": f"linear on the averaged {model.block_names(BACKBONE)[-1]}, not stored"}
         additions.append(_addition(name, sources, recipe, backbone_flat(params)))
 
     control_seed = SEED + len(tasks)
-    control = model.state_to_flat(init_state(control_seed, zero_residual=False)["backbone"])
+    control = model.to_state_dict(init_state(control_seed, zero_residual=False)["backbone"])
     additions.append(_addition(
         f"{ARCH}_random", sources,
         {"data": None,
@@ -507,4 +509,4 @@ def _addition(name: str, sources: Path, recipe: dict,
     source = sources / f"{name}.json"
     zoo.write_json_atomic(source, {"model": name, "arch": ARCH, **recipe})
     return zoo.Addition(name=name, source=source, source_format="demo",
-                        sha256=params_sha256(flat), model=ImportedModel(arch=ARCH, params=flat))
+                        sha256=params_sha256(flat), model=ImportedModel(BACKBONE, flat))

@@ -1,11 +1,20 @@
-"""Batched conv4_x feature extraction for a whole zoo, over every local device (or host).
+"""The one forward engine: every batched forward of a zoo, over every local device (or host).
 
-Forward. Models of one architecture share one compiled program. Where the backend runs a vmapped
-convolution well (GPU, TPU) their parameters are stacked and vmapped, so one call runs every model
-on a batch; on CPU, XLA lowers a vmapped convolution to a grouped one, which measures several
-times slower than running the same compiled single-model program once per model, so there we loop
-(figures in docs/extraction.md). Both are behind :class:`ZooForward`. BatchNorm is already folded
-into each convolution by the converters, so the forward is convolutions, ReLUs and one max-pool.
+What runs. Each :class:`LoadedModel` says what it needs from one pass over the images: the first
+``blocks`` conv4_x features (what the scores read), and/or its source classifier's softmax
+probabilities (LEEP, NCE) or logits (fine-tuning's evaluation). A model asking for both gets them
+from the same forward, and every model runs on the same decoded batch, so each image is decoded
+once per command whatever the metrics.
+
+Forward. BatchNorm is folded into the convolutions when the engine is built
+(:func:`ddscore_jax.model.inference`), so the forward is convolutions, biases, ReLUs and pooling;
+a features-only model is cut after conv4_x, so layer4 and fc never reach the device. Models of one
+(folded) configuration and the same outputs share one compiled program; a zoo may mix
+architectures and feature sizes, each group compiling its own. Where the backend runs a vmapped
+convolution well (GPU, TPU) a group's parameters are stacked and vmapped, so one call runs every
+model of it on a batch; on CPU, XLA lowers a vmapped convolution to a grouped one, which measures
+several times slower than running the same compiled single-model program once per model, so there
+we loop (figures in docs/extraction.md). Both are behind :class:`ZooForward`.
 
 Shapes. Every batch is padded to one size (a multiple of the device count), so a data set of any
 size compiles the forward once per architecture; with the persistent compilation cache
@@ -39,18 +48,42 @@ from ddscore_jax import data, model, pipeline
 from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
+from ddscore_jax.model import SCORE_BLOCKS, ResNetConfig
 
 Progress = Callable[[str, int, int], None]  # (description, completed, total)
-SCORE_BLOCKS = ("layer3.0", "layer3.1")
 DTYPES = ("float32", "bfloat16")
+HEADS = ("probabilities", "logits")
 SAVE_EVERY = 30.0  # seconds between saves of an extraction's progress
 
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A model and what the engine computes with it in one pass.
+
+    ``blocks``: how many conv4_x blocks' pooled features (``"layer3.i"``, (n, d)); 0 for none.
+    ``head``: ``"probabilities"`` (softmax of ``fc``) or ``"logits"``, (n, num_classes), or None.
+    """
+
     name: str
-    arch: str
-    params: dict[str, np.ndarray]  # flat backbone tree (see ddscore_jax.model)
+    config: ResNetConfig
+    state_dict: dict[str, np.ndarray]  # canonical (see ddscore_jax.model)
+    blocks: int = len(SCORE_BLOCKS)
+    head: str | None = None
+
+    def __post_init__(self):
+        if self.head is not None and self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head is not None and not self.config.num_classes:
+            raise ValueError(f"{self.name}: {self.config.name} has no classifier (fc)")
+        if not 0 <= self.blocks <= self.config.depths[2]:
+            raise ValueError(f"{self.name}: blocks {self.blocks} not in 0..{self.config.depths[2]}")
+
+    def outputs(self) -> dict[str, int]:
+        """``{output name: width}`` in the order the engine returns them."""
+        out = {b: self.config.feature_dim for b in model.block_names(self.config, self.blocks)}
+        if self.head is not None:
+            out[self.head] = self.config.num_classes
+        return out
 
 
 def default_strategy(backend: str | None = None) -> str:
@@ -92,17 +125,26 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
-@partial(jax.jit, static_argnames=("arch", "num_blocks", "dtype"))
-def _forward_one(state, images, arch: str, num_blocks: int, dtype: str = "float32"):
-    feats = model.forward(arch, state, images.astype(dtype), num_blocks)
-    return _cast(feats, jnp.float32)
+def _outputs(config: ResNetConfig, state, x, blocks: int, head: str | None) -> dict:
+    out = _cast(model.apply(config, state, x, stop_at=blocks, logits=head is not None),
+                jnp.float32)
+    if head == "probabilities":
+        out["probabilities"] = jax.nn.softmax(out.pop("logits"), axis=-1)
+    return out
 
 
-@partial(jax.jit, static_argnames=("arch", "num_blocks", "dtype"))
-def _forward_stacked(stacked, images, arch: str, num_blocks: int, dtype: str = "float32"):
+# One compiled program per (folded config, outputs, dtype); the config is a frozen dataclass.
+@partial(jax.jit, static_argnames=("config", "blocks", "head", "dtype"))
+def _forward_one(state, images, config: ResNetConfig, blocks: int, head: str | None,
+                 dtype: str = "float32"):
+    return _outputs(config, state, images.astype(dtype), blocks, head)
+
+
+@partial(jax.jit, static_argnames=("config", "blocks", "head", "dtype"))
+def _forward_stacked(stacked, images, config: ResNetConfig, blocks: int, head: str | None,
+                     dtype: str = "float32"):
     x = images.astype(dtype)
-    feats = jax.vmap(lambda s: model.forward(arch, s, x, num_blocks))(stacked)
-    return _cast(feats, jnp.float32)
+    return jax.vmap(lambda s: _outputs(config, s, x, blocks, head))(stacked)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -114,37 +156,44 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 class ZooForward:
-    """Runs every model of a zoo on a batch of images; one compiled program per architecture.
+    """Runs every model of a zoo on a batch of images; one compiled program per group of models
+    with the same folded configuration and outputs.
 
     ``dtype="bfloat16"`` casts parameters and images for the forward (for accelerators; on CPU it
-    is emulated and slower); features come back float32 either way.
+    is emulated and slower); outputs come back float32 either way.
     """
 
-    def __init__(self, models: Sequence[LoadedModel], num_blocks: int = 2,
-                 strategy: str | None = None, *, dtype: str = "float32",
-                 mesh: Mesh | None = None):
+    def __init__(self, models: Sequence[LoadedModel], strategy: str | None = None, *,
+                 dtype: str = "float32", mesh: Mesh | None = None):
         if dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.num_blocks = num_blocks
+        self.models = list(models)
         self.strategy = strategy or default_strategy()
         self.dtype = dtype
         self.mesh = mesh or batch_mesh()
         self.data_sharding = NamedSharding(self.mesh, P("batch"))
         replicated = NamedSharding(self.mesh, P())
-        self.groups: dict[str, list[int]] = {}
-        for i, m in enumerate(models):
-            self.groups.setdefault(m.arch, []).append(i)
-        self.n_models = len(models)
-        # Cast once here rather than per batch: bfloat16 parameters also halve their memory.
-        states = [_cast(model.flat_to_state(m.params, m.arch), dtype) for m in models]
+        # group key: (folded config, blocks, head) -> model indices
+        self.groups: dict[tuple[ResNetConfig, int, str | None], list[int]] = {}
+        states = []
+        for i, m in enumerate(self.models):
+            # Features alone never need layer4 or fc: cut them before they reach the device.
+            config, state = model.inference(m.config, m.state_dict, backbone=m.head is None)
+            # Cast once here rather than per batch: bfloat16 parameters also halve their memory.
+            states.append(_cast(state, dtype))
+            self.groups.setdefault((config, m.blocks, m.head), []).append(i)
         if self.strategy == "vmap":
             self.params = {
-                arch: jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                  *[states[i] for i in idx]), replicated)
-                for arch, idx in self.groups.items()}
+                key: jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                 *[states[i] for i in idx]), replicated)
+                for key, idx in self.groups.items()}
         else:
-            self.params = {arch: [jax.device_put(states[i], replicated) for i in idx]
-                           for arch, idx in self.groups.items()}
+            self.params = {key: [jax.device_put(states[i], replicated) for i in idx]
+                           for key, idx in self.groups.items()}
+
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
 
     @property
     def n_devices(self) -> int:
@@ -164,38 +213,37 @@ class ZooForward:
         """Start the forward of every model on one batch and return without waiting.
 
         ``local_images`` are this process's rows of a (padded, S, S, 3) batch (all rows on one
-        host). Returns ``(model indices, {"layer3.i": device array})`` per compiled call: the
-        arrays are (len(indices), padded, 256) for a vmapped group, (padded, 256) for one model.
+        host). Returns ``(model indices, {output: device array})`` per compiled call: the arrays
+        are (len(indices), padded, width) for a vmapped group, (padded, width) for one model.
         :meth:`fetch` brings them to the host.
         """
         x = jax.make_array_from_process_local_data(
             self.data_sharding, local_images, (padded, *local_images.shape[1:]))
         calls = []
-        for arch, idx in self.groups.items():
+        for (config, blocks, head), idx in self.groups.items():
+            params = self.params[(config, blocks, head)]
             if self.strategy == "vmap":
-                calls.append((idx, _forward_stacked(self.params[arch], x, arch, self.num_blocks,
-                                                    self.dtype)))
+                calls.append((idx, _forward_stacked(params, x, config, blocks, head, self.dtype)))
             else:
-                for state, i in zip(self.params[arch], idx, strict=True):
-                    calls.append(([i], _forward_one(state, x, arch, self.num_blocks,
-                                                    self.dtype)))
+                for state, i in zip(params, idx, strict=True):
+                    calls.append(([i], _forward_one(state, x, config, blocks, head, self.dtype)))
         return calls
 
     def fetch(self, calls: list[tuple[list[int], dict]]) -> list[dict[str, np.ndarray]]:
-        """The result of :meth:`dispatch` on the host: per model ``{"layer3.i": (padded, 256)}``.
+        """The result of :meth:`dispatch` on the host: per model ``{output: (padded, width)}``.
 
         Each call's arrays cross to the host once (gathered from every process when the mesh
         spans several), then are split per model there.
         """
         out: list[dict[str, np.ndarray]] = [{} for _ in range(self.n_models)]
-        for idx, feats in calls:
-            host = {k: _to_host(v) for k, v in feats.items()}
+        for idx, result in calls:
+            host = {k: _to_host(v) for k, v in result.items()}
             for j, i in enumerate(idx):
                 out[i] = {k: v[j] if self.strategy == "vmap" else v for k, v in host.items()}
         return out
 
     def __call__(self, images: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """``images`` (B, S, S, 3) -> per model (in input order) ``{"layer3.i": (B, 256)}``.
+        """``images`` (B, S, S, 3) -> per model (in input order) ``{output: (B, width)}``.
 
         Single-process convenience: pads B to a multiple of the device count and trims it back.
         """
@@ -204,8 +252,23 @@ class ZooForward:
         if padded != b:
             images = np.concatenate([images, np.zeros((padded - b, *images.shape[1:]),
                                                       images.dtype)])
-        return [{k: v[:b] for k, v in feats.items()}
-                for feats in self.fetch(self.dispatch(images, padded))]
+        return [{k: v[:b] for k, v in outputs.items()}
+                for outputs in self.fetch(self.dispatch(images, padded))]
+
+    def run(self, images: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
+        """Every model on in-memory ``images`` (n, S, S, 3), in batches padded to one shape (one
+        compile whatever n): per model ``{output: (n, width)}``. Single process."""
+        padded = self.padded_batch(batch_size)
+        out = [{k: np.empty((len(images), w), np.float32) for k, w in m.outputs().items()}
+               for m in self.models]
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            full = np.zeros((padded, *images.shape[1:]), np.float32)
+            full[:len(chunk)] = chunk
+            for o, r in zip(out, self.fetch(self.dispatch(full, padded)), strict=True):
+                for k in o:
+                    o[k][start:start + len(chunk)] = r[k][:len(chunk)]
+        return out
 
 
 def extract_features(
@@ -214,7 +277,6 @@ def extract_features(
     *,
     batch_size: int = 32,
     image_size: int = 224,
-    blocks: Sequence[str] = SCORE_BLOCKS,
     progress: Progress | None = None,
     dtype: str = "float32",
     workers: int | None = None,
@@ -224,7 +286,9 @@ def extract_features(
     mesh: Mesh | None = None,
     strategy: str | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Features of every model on every image: per model ``{block: (n, 256) float32}``.
+    """What every model asks for (:class:`LoadedModel`) on every image, from one decode pass:
+    per model ``{output: (n, width) float32}`` (``"layer3.i"``: (n, d); ``"probabilities"`` or
+    ``"logits"``: (n, num_classes)).
 
     ``workers`` decode threads (see :func:`ddscore_jax.pipeline.iter_batches`). ``partials``, one
     per model, makes the extraction resumable: rows already saved there are loaded, not
@@ -238,11 +302,12 @@ def extract_features(
     if partials is not None and len(partials) != len(models):
         raise ValueError(f"{len(partials)} partials for {len(models)} models")
     n = len(dataset)
-    forward = ZooForward(models, num_blocks=len(blocks), strategy=strategy, dtype=dtype,
-                         mesh=mesh)
+    forward = ZooForward(models, strategy=strategy, dtype=dtype, mesh=mesh)
     padded = forward.padded_batch(batch_size)
     lo, hi = forward.local_rows(padded)
-    feats = [{b: np.empty((n, model.FEATURE_DIM), np.float32) for b in blocks} for _ in models]
+    outputs = [list(m.outputs()) for m in models]
+    feats = [{k: np.empty((n, w), np.float32) for k, w in m.outputs().items()} for m in models]
+    what = "extracting features" if any(m.blocks for m in models) else "source classifier"
 
     if jax.process_count() > 1:
         # Hosts would have to agree on one resume point and share the saved rows; not worth it
@@ -251,27 +316,27 @@ def extract_features(
     done = 0
     if partials is not None:
         # Models extracted together progress together; resume from the least advanced one.
-        loaded = [p.load(n, blocks) for p in partials]
-        done = min(k for k, _ in loaded)
+        loaded = [p.load(n, names) for p, names in zip(partials, outputs, strict=True)]
+        done = min(k for k, _ in loaded) if loaded else 0
         if done:
             for out, (_, arrays) in zip(feats, loaded, strict=True):
-                for b in blocks:
+                for b in out:
                     out[b][:done] = arrays[b][:done]
             if progress:
-                progress("extracting features", done, n)
+                progress(what, done, n)
     saved, last_save = done, time.monotonic()
 
     def save_progress() -> None:
         nonlocal saved, last_save
         if partials is not None and done > saved:
             for p, out in zip(partials, feats, strict=True):
-                p.append(saved, done, {b: out[b][saved:done] for b in blocks})
+                p.append(saved, done, {b: v[saved:done] for b, v in out.items()})
         saved, last_save = done, time.monotonic()
 
     def collect(batch: pipeline.Batch, calls) -> None:
         nonlocal done
         for out, result in zip(feats, forward.fetch(calls), strict=True):
-            for b in blocks:
+            for b in out:
                 out[b][batch.start:batch.stop] = result[b][: batch.size]
         done = batch.stop
         fault_point("extract:batch")
@@ -285,14 +350,14 @@ def extract_features(
             if inflight is not None:
                 collect(*inflight)
                 if progress:
-                    progress("extracting features", done, n)
+                    progress(what, done, n)
             inflight = dispatched
             if time.monotonic() - last_save >= save_every:
                 save_progress()
         if inflight is not None:
             collect(*inflight)
             if progress:
-                progress("extracting features", done, n)
+                progress(what, done, n)
     except BaseException as e:
         batches.close()  # stop the decode threads now, not when the generator is collected
         if isinstance(e, InputError):

@@ -14,8 +14,8 @@ Protocol (docs/finetune.md has the reasons):
   to zero over the run (or constant), every model on the same seeded sequence of batches, no
   augmentation unless ``flip`` (random horizontal flips). No early stopping and no model selection
   on ``valid/``: the accuracy reported is that of the last step.
-- BatchNorm is folded into the convolutions at import, so it is frozen: its statistics stay the
-  source's (as with detectron2's FrozenBatchNorm2d).
+- BatchNorm is folded into the convolutions before training (:func:`ddscore_jax.model.fold`),
+  so it is frozen: its statistics stay the source's (as with detectron2's FrozenBatchNorm2d).
 
 Results are a JSON file rewritten atomically after every model, so an interrupted run keeps what
 it finished, and a model already in the file with the same checkpoint, data and settings is
@@ -39,8 +39,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ddscore_jax import cache, data, fullmodel, zoo
+from ddscore_jax import cache, data, model, zoo
 from ddscore_jax.errors import InputError
+from ddscore_jax.extract import LoadedModel, ZooForward
+from ddscore_jax.model import ResNetConfig
 
 Progress = Callable[[str, int, int], None]
 OPTIMIZERS = ("sgd", "adamw")
@@ -125,16 +127,44 @@ def learning_rate(settings: Settings, step: int, total: int) -> float:
     return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-class Trainer:
-    """One compiled train step and one compiled predict for a (graphdef, settings) pair."""
+def network(imported, num_classes: int, *, seed: int = 0,
+            keep_fc: bool = False) -> tuple[ResNetConfig, nnx.State, bool]:
+    """The network to fine-tune from a zoo model (:class:`ImportedModel`): ``(config, state,
+    layer4_pretrained)``.
 
-    def __init__(self, graphdef: nnx.GraphDef, settings: Settings):
-        self.graphdef = graphdef
+    BatchNorm folded (frozen). ``layer4`` is the source's when it has one, otherwise fresh
+    (:func:`ddscore_jax.model.init_state_dict`, seeded, each block's last conv zeroed so that a
+    fresh stage starts as its shortcuts and passes the pre-trained features on). The classifier is
+    new and zero (big_vision's fine-tuning default: the first steps move the head, not the
+    pre-trained weights by random gradients) unless ``keep_fc``, which keeps the source's
+    (``num_classes`` must match). ValueError naming the parameters that do not fit.
+    """
+    config, sd = model.fold(imported.config, imported.state_dict)
+    full = config.with_classifier(num_classes)
+    pretrained = bool(config.depths[3])
+    params = model.init_state_dict(full, seed, zero_init_residual=True)
+    params.update({k: v for k, v in sd.items() if not k.startswith("fc.")})
+    if keep_fc:
+        if config.num_classes != num_classes:
+            raise ValueError(f"the classifier has {config.num_classes} classes, not {num_classes}")
+        params.update({k: v for k, v in sd.items() if k.startswith("fc.")})
+    else:
+        params["fc.weight"] = np.zeros_like(params["fc.weight"])
+        params["fc.bias"] = np.zeros_like(params["fc.bias"])
+    return full, model.from_state_dict(params, full), pretrained
+
+
+class Trainer:
+    """One compiled train step for a (config, settings) pair; evaluation through the forward
+    engine (:class:`ddscore_jax.extract.ZooForward`)."""
+
+    def __init__(self, config: ResNetConfig, settings: Settings):
+        self.config = config
+        self.graphdef = model.graphdef(config)
         self.settings = settings
         self.tx = _direction(settings)
-        self._step = jax.jit(partial(_train_step, graphdef, self.tx, settings.flip),
+        self._step = jax.jit(partial(_train_step, self.graphdef, self.tx, settings.flip),
                              donate_argnums=(0, 1))
-        self._logits = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
 
     def train(self, state: nnx.State, x: np.ndarray, y: np.ndarray, *,
               on_step: Callable[[int, int, float], None] | None = None,
@@ -178,14 +208,9 @@ class Trainer:
 
     def logits(self, state: nnx.State, x: np.ndarray, batch_size: int) -> np.ndarray:
         """(n, S, S, 3) -> (n, num_classes) float32, in padded batches (one compiled shape)."""
-        out = []
-        for start in range(0, len(x), batch_size):
-            chunk = x[start:start + batch_size]
-            pad = batch_size - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(self._logits(state, jnp.asarray(chunk)))[:batch_size - pad])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        net = LoadedModel("fine-tuned", self.config, model.to_state_dict(state), blocks=0,
+                          head="logits")
+        return ZooForward([net]).run(np.asarray(x, np.float32), batch_size)[0]["logits"]
 
     def accuracy(self, state: nnx.State, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
         """Fraction of (x, y) the network classifies right."""
@@ -198,7 +223,7 @@ def _train_step(graphdef, tx, flip: bool, state, opt_state, x, y, lr, key):
         x = jnp.where(mirror, x[:, :, ::-1, :], x)
 
     def loss_fn(p):
-        logits = nnx.merge(graphdef, p)(x)
+        logits = nnx.merge(graphdef, p).logits(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state)
@@ -308,18 +333,16 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     x_train = _load_all(split.train, settings.image_size, "training", progress)
     x_held = _load_all(split.held_out, settings.image_size, "held-out", progress)
     y_train, y_held = split.train.labels, split.held_out.labels
-    trainers: dict[str, Trainer] = {}
+    trainers: dict[ResNetConfig, Trainer] = {}
     for k, entry in enumerate(todo):
-        backbone = zoo.load_params(zoo_dir, entry)
-        head = zoo.load_head(zoo_dir, entry)
         try:
-            graphdef, state, pretrained = fullmodel.build(
-                entry.arch, len(split.train.classes), backbone, head, seed=settings.seed)
+            config, state, pretrained = network(zoo.load_model(zoo_dir, entry),
+                                                len(split.train.classes), seed=settings.seed)
         except ValueError as e:
             raise InputError(f"{Path(zoo_dir) / entry.checkpoint}: {e}") from None
-        if entry.arch not in trainers:
-            trainers[entry.arch] = Trainer(graphdef, settings)
-        trainer = trainers[entry.arch]
+        if config not in trainers:
+            trainers[config] = Trainer(config, settings)
+        trainer = trainers[config]
         description = f"fine-tuning {entry.name} ({k + 1}/{len(todo)})"
         started = time.monotonic()
 

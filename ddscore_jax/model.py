@@ -1,17 +1,27 @@
-"""torchvision-layout ResNet18/34 in Flax NNX, cut after the conv4_x stage (``layer3``).
+"""One ResNet v1 for the whole family, in Flax NNX, driven by :class:`ResNetConfig`.
 
-The zoo stores every model in one representation: each convolution carries its BatchNorm folded in
-(inference BatchNorm is a per-channel affine map, so ``bn(conv(x, W)) == conv(x, W * s) + b``). A
-torchvision ``.pth``, a constant-folded ONNX graph and an unfolded one all become the same tree, and
-there is one forward function.
+BasicBlock and Bottleneck (stride on the 3x3, torchvision/timm "v1.5"), any stage depths, groups
+(ResNeXt), per-group width (wide ResNets), timm's deep stem and average-pool shortcut (ResNet-D),
+real BatchNorm layers, optional ``layer4`` + ``fc``. The module's attribute names are timm's
+``resnet.py`` names, so its flat state *is* the canonical state dict below up to leaf names and
+layouts (:func:`from_state_dict` / :func:`to_state_dict`, the one mapping each way).
 
-Parameter trees travel in two shapes:
-- *flat*: ``{"layer1.0.conv1.kernel": array, ...}`` with torchvision's module names (converters);
-- *state*: the ``nnx.State`` of :class:`ResNetConv4` (what :func:`forward` takes).
+Two ways to run it:
+- as trained: :class:`ResNet` with BatchNorm (``features``, ``logits``, train or eval mode);
+- for inference: :func:`fold` turns (config, state dict) into a BatchNorm-free config and state
+  dict whose convolutions carry the eval-mode BatchNorm (``bn(conv(x, W)) == conv(x, W*s) + b``,
+  computed in float64), and the same module runs it with convolutions, biases and ReLUs only.
+
+Feature points: the first blocks of ``layer3`` (conv4_x), global-average-pooled, ``(N, d)`` with
+d = 256 for BasicBlock nets and 1024 for every Bottleneck net (a block's output has planes x 4
+channels whatever its groups or width; ``wide_resnet50_2`` and ``resnext50_32x4d`` widen only the
+3x3 inside each block, so their conv4_x features are 1024-d too).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -36,6 +46,8 @@ from flax import nnx
 # A source whose BatchNorm was already folded away (a constant-folded ONNX graph) has no ``bn*``
 # keys; its convolutions carry ``.bias`` instead and its config says ``batchnorm=False``.
 
+StateDict = dict[str, np.ndarray]
+
 
 @dataclass(frozen=True)
 class ResNetConfig:
@@ -54,144 +66,504 @@ class ResNetConfig:
     batchnorm: bool = True  # False: a folded source (conv biases, no BatchNorm layers)
     bn_eps: float = float(np.float32(1e-5))  # torch's default, as the float32 its kernel adds
 
+    def __post_init__(self):
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        if self.block not in ("basic", "bottleneck"):
+            raise ValueError(f"unknown block type {self.block!r}")
+        if len(self.depths) != 4 or min(self.depths[:3]) < 1 or self.depths[3] < 0:
+            raise ValueError(f"depths must be 4 stage sizes, layer1..layer3 at least 1: "
+                             f"{self.depths}")
+        if self.block == "basic" and (self.groups != 1 or self.base_width != 64):
+            raise ValueError("BasicBlock supports only groups=1 and base_width=64")
+        if self.num_classes and not self.depths[3]:
+            raise ValueError("a classifier (fc) needs layer4")
 
-# Blocks per stage; both use torchvision's BasicBlock.
-ARCHS: dict[str, tuple[int, int, int, int]] = {
-    "resnet18": (2, 2, 2, 2),
-    "resnet34": (3, 4, 6, 3),
+    @property
+    def expansion(self) -> int:
+        return 1 if self.block == "basic" else 4
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of a conv4_x block's output: 256 (BasicBlock) or 1024 (Bottleneck)."""
+        return 256 * self.expansion
+
+    @property
+    def name(self) -> str:
+        """A display name in torchvision/timm spelling (``resnet50``, ``resnext50_32x4d``,
+        ``wide_resnet50_2``, ``resnet18d``), also for a backbone-only source of that family (its
+        ``depths`` say it has no layer4); a descriptive name for depths no library names."""
+        depths = self.depths if self.depths[3] else (*self.depths[:3], _LAYER4_OF.get(
+            (self.block, self.depths[:3]), 0))
+        depth = _NAMED_DEPTHS.get((self.block, depths))
+        if depth is None:
+            return f"resnet_{self.block}_{'-'.join(map(str, self.depths))}"
+        d = "d" if self.deep_stem or self.avg_down else ""
+        if self.groups > 1:
+            # ResNeXt names give groups x per-group width: resnext50_32x4d has base_width 4.
+            return f"resnext{depth}{d}_{self.groups}x{self.base_width}d"
+        if self.base_width != 64:
+            return f"wide_resnet{depth}{d}_{self.base_width // 64}"
+        return f"resnet{depth}{d}"
+
+    def backbone(self) -> ResNetConfig:
+        """This config cut after conv4_x: what the features need."""
+        return dataclasses.replace(self, depths=(*self.depths[:3], 0), num_classes=0)
+
+    def with_classifier(self, num_classes: int) -> ResNetConfig:
+        """This config to ``num_classes`` logits; a backbone-only one gets the layer4 depth of
+        its named family (torchvision's), or 2 blocks when no library names its depths."""
+        layer4 = self.depths[3] or _LAYER4_OF.get((self.block, self.depths[:3]), 2)
+        return dataclasses.replace(self, depths=(*self.depths[:3], layer4),
+                                   num_classes=num_classes)
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "depths": list(self.depths)}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> ResNetConfig:
+        """Inverse of :meth:`to_json`; ``ValueError`` for unknown fields or bad values."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(doc) - fields)
+        if extra:
+            raise ValueError(f"unknown ResNetConfig fields {extra}")
+        return cls(**{**doc, "depths": tuple(doc["depths"])})
+
+
+_NAMED_DEPTHS = {
+    ("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (2, 2, 2, 2)): 26, ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101, ("bottleneck", (3, 8, 36, 3)): 152,
 }
-STAGE_WIDTHS = (64, 128, 256, 512)
-FEATURE_DIM = STAGE_WIDTHS[2]
-# The stages kept; layer4 and fc are never needed for the features.
-BACKBONE_STAGES = ("layer1", "layer2", "layer3")
+_LAYER4_OF = {(b, d[:3]): d[3] for b, d in _NAMED_DEPTHS}
+
+# torchvision's and timm's configurations, by name (tests, benchmarks, training from scratch).
+CONFIGS: dict[str, ResNetConfig] = {
+    "resnet18": ResNetConfig("basic", (2, 2, 2, 2), num_classes=1000),
+    "resnet34": ResNetConfig("basic", (3, 4, 6, 3), num_classes=1000),
+    "resnet50": ResNetConfig("bottleneck", (3, 4, 6, 3), num_classes=1000),
+    "resnet101": ResNetConfig("bottleneck", (3, 4, 23, 3), num_classes=1000),
+    "resnet152": ResNetConfig("bottleneck", (3, 8, 36, 3), num_classes=1000),
+    "resnext50_32x4d": ResNetConfig("bottleneck", (3, 4, 6, 3), groups=32, base_width=4,
+                                    num_classes=1000),
+    "resnext101_32x8d": ResNetConfig("bottleneck", (3, 4, 23, 3), groups=32, base_width=8,
+                                     num_classes=1000),
+    "wide_resnet50_2": ResNetConfig("bottleneck", (3, 4, 6, 3), base_width=128, num_classes=1000),
+    "resnet18d": ResNetConfig("basic", (2, 2, 2, 2), deep_stem=True, stem_width=32,
+                              avg_down=True, num_classes=1000),
+    "resnet34d": ResNetConfig("basic", (3, 4, 6, 3), deep_stem=True, stem_width=32,
+                              avg_down=True, num_classes=1000),
+    "resnet50d": ResNetConfig("bottleneck", (3, 4, 6, 3), deep_stem=True, stem_width=32,
+                              avg_down=True, num_classes=1000),
+}
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+FEATURE_STAGE = "layer3"  # conv4_x
+SCORE_BLOCKS = ("layer3.0", "layer3.1")
 
 
-def _conv(cin: int, cout: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+def block_names(config: ResNetConfig, stop_at: int | None = None) -> list[str]:
+    """The feature names :meth:`ResNet.features` returns: ``["layer3.0", "layer3.1", ...]``."""
+    return [f"{FEATURE_STAGE}.{i}" for i in range(config.depths[2])][:stop_at]
+
+
+# --- Layers --------------------------------------------------------------------------------------
+
+class Identity(nnx.Module):
+    """A parameterless slot: keeps torch's ``nn.Sequential`` indices where a layer has no
+    parameters (ReLU, identity pooling) or was folded away (BatchNorm of a folded source)."""
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return x
+
+
+class ReLU(Identity):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return nnx.relu(x)
+
+
+class AvgPoolDown(Identity):
+    """timm's ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`` (ResNet-D shortcut)."""
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        # ceil_mode: an odd side gets a last window of one row/column, averaged over what it holds.
+        pads = ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0))
+        window = (1, 2, 2, 1)
+        total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, pads)
+        ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+        count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, window, pads)
+        return total / count
+
+
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` taking the block's ``train`` flag (eval: running statistics), whose
+    running variance follows torch's: updated with the unbiased batch variance (Flax's own uses
+    the biased one), while the batch is normalised with the biased one, as both do."""
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not train:
+            return super().__call__(x, use_running_average=True)
+        old = self.var.get_value()
+        y = super().__call__(x, use_running_average=False)
+        n = x.size // x.shape[-1]
+        m = self.momentum
+        # Flax stored m * old + (1 - m) * biased; rescale the batch's share by n / (n - 1).
+        self.var.set_value(m * old + (self.var.get_value() - m * old) * (n / max(n - 1, 1)))
+        return y
+
+
+def _norm(channels: int, config: ResNetConfig, rngs: nnx.Rngs) -> nnx.Module:
+    if not config.batchnorm:
+        return Identity()
+    # torch momentum 0.1 (weight of the new batch) is Flax momentum 0.9 (weight of the old).
+    # Exact variance: the fast E[x^2] - E[x]^2 form loses digits on ReLU inputs.
+    return BatchNorm(channels, momentum=0.9, epsilon=config.bn_eps, use_running_average=True,
+                     use_fast_variance=False, rngs=rngs)
+
+
+def _apply(layers, x: jax.Array, train: bool) -> jax.Array:
+    for layer in layers:
+        x = layer(x, train)
+    return x
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` that ignores the ``train`` flag every layer of a block is called with."""
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # noqa: ARG002
+        return super().__call__(x)
+
+
+def _conv(cin: int, cout: int, size: int, stride: int, config: ResNetConfig, rngs: nnx.Rngs,
+          groups: int = 1) -> Conv:
     # Padding spelled out as torch pads: stride-2 'SAME' would pad asymmetrically and break parity.
     pad = size // 2
-    return nnx.Conv(
-        cin, cout, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=True, rngs=rngs,
-    )
+    return Conv(cin, cout, (size, size), strides=(stride, stride),
+                padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                use_bias=not config.batchnorm, rngs=rngs)
+
+
+def _downsample(cin: int, cout: int, stride: int, config: ResNetConfig,
+                rngs: nnx.Rngs) -> nnx.List | None:
+    if stride == 1 and cin == cout:
+        return None
+    if config.avg_down:
+        pool = AvgPoolDown() if stride != 1 else Identity()
+        return nnx.List([pool, _conv(cin, cout, 1, 1, config, rngs), _norm(cout, config, rngs)])
+    return nnx.List([_conv(cin, cout, 1, stride, config, rngs), _norm(cout, config, rngs)])
 
 
 class BasicBlock(nnx.Module):
-    """torchvision's BasicBlock with BatchNorm folded into conv1, conv2 and the downsample conv."""
+    def __init__(self, cin: int, planes: int, stride: int, config: ResNetConfig, *,
+                 rngs: nnx.Rngs):
+        self.conv1 = _conv(cin, planes, 3, stride, config, rngs)
+        self.bn1 = _norm(planes, config, rngs)
+        self.conv2 = _conv(planes, planes, 3, 1, config, rngs)
+        self.bn2 = _norm(planes, config, rngs)
+        self.downsample = _downsample(cin, planes, stride, config, rngs)
 
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = _conv(cin, cout, 3, stride, rngs)
-        self.conv2 = _conv(cout, cout, 3, 1, rngs)
-        self.downsample = _conv(cin, cout, 1, stride, rngs) if stride != 1 or cin != cout else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        identity = x if self.downsample is None else self.downsample(x)
-        y = nnx.relu(self.conv1(x))
-        return nnx.relu(self.conv2(y) + identity)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        shortcut = x if self.downsample is None else _apply(self.downsample, x, train)
+        y = nnx.relu(self.bn1(self.conv1(x), train))
+        return nnx.relu(self.bn2(self.conv2(y), train) + shortcut)
 
 
-class ResNetConv4(nnx.Module):
-    """ResNet up to and including conv4_x. Input NHWC float32, ImageNet-normalised."""
+class Bottleneck(nnx.Module):
+    def __init__(self, cin: int, planes: int, stride: int, config: ResNetConfig, *,
+                 rngs: nnx.Rngs):
+        width = math.floor(planes * config.base_width / 64) * config.groups
+        cout = planes * 4
+        self.conv1 = _conv(cin, width, 1, 1, config, rngs)
+        self.bn1 = _norm(width, config, rngs)
+        self.conv2 = _conv(width, width, 3, stride, config, rngs, groups=config.groups)
+        self.bn2 = _norm(width, config, rngs)
+        self.conv3 = _conv(width, cout, 1, 1, config, rngs)
+        self.bn3 = _norm(cout, config, rngs)
+        self.downsample = _downsample(cin, cout, stride, config, rngs)
 
-    def __init__(self, arch: str, *, rngs: nnx.Rngs):
-        if arch not in ARCHS:
-            raise ValueError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
-        self.arch = arch
-        self.conv1 = _conv(3, STAGE_WIDTHS[0], 7, 2, rngs)
-        cin = STAGE_WIDTHS[0]
-        for stage, (depth, width) in enumerate(zip(ARCHS[arch][:3], STAGE_WIDTHS[:3], strict=True)):
-            stride = 1 if stage == 0 else 2
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        shortcut = x if self.downsample is None else _apply(self.downsample, x, train)
+        y = nnx.relu(self.bn1(self.conv1(x), train))
+        y = nnx.relu(self.bn2(self.conv2(y), train))
+        return nnx.relu(self.bn3(self.conv3(y), train) + shortcut)
+
+
+class ResNet(nnx.Module):
+    """A ResNet v1 from its config. Input NHWC float32, ImageNet-normalised.
+
+    ``features(x, stop_at)`` -> the first ``stop_at`` conv4_x blocks' outputs averaged over space
+    (nothing after the last one is computed); ``logits(x)`` -> ``(N, num_classes)``.
+    """
+
+    def __init__(self, config: ResNetConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        if config.deep_stem:
+            w = config.stem_width
+            self.conv1 = nnx.List([
+                _conv(3, w, 3, 2, config, rngs), _norm(w, config, rngs), ReLU(),
+                _conv(w, w, 3, 1, config, rngs), _norm(w, config, rngs), ReLU(),
+                _conv(w, 64, 3, 1, config, rngs)])
+        else:
+            self.conv1 = _conv(3, 64, 7, 2, config, rngs)
+        self.bn1 = _norm(64, config, rngs)
+        block = BasicBlock if config.block == "basic" else Bottleneck
+        cin = 64
+        for stage, depth in enumerate(config.depths):
+            planes = 64 * 2 ** stage
             blocks = []
             for i in range(depth):
-                blocks.append(BasicBlock(cin, width, stride if i == 0 else 1, rngs=rngs))
-                cin = width
-            setattr(self, BACKBONE_STAGES[stage], nnx.List(blocks))
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(block(cin, planes, stride, config, rngs=rngs))
+                cin = planes * config.expansion
+            if depth:
+                setattr(self, STAGES[stage], nnx.List(blocks))
+        if config.num_classes:
+            self.fc = nnx.Linear(cin, config.num_classes, rngs=rngs)
 
-    def __call__(self, x: jax.Array, num_blocks: int | None = None) -> dict[str, jax.Array]:
-        """Return ``{"layer3.i": (N, 256)}``: each conv4_x block's output, averaged over space.
-
-        ``num_blocks`` stops after that many conv4_x blocks (D-deepscore needs the first two), so
-        the rest of the stage is never computed.
-        """
-        x = nnx.relu(self.conv1(x))
+    def _stem(self, x: jax.Array, train: bool) -> jax.Array:
+        stem = self.conv1 if self.config.deep_stem else [self.conv1]
+        x = nnx.relu(self.bn1(_apply(stem, x, train), train))
         # Flax pads max-pooling with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    def __call__(self, x: jax.Array, *, stop_at: int | None = 0, logits: bool = False,
+                 train: bool = False) -> dict[str, jax.Array]:
+        """One pass giving ``{"layer3.i": (N, d)}`` for the first ``stop_at`` conv4_x blocks
+        (``None``: all of them) and, with ``logits``, ``{"logits": (N, num_classes)}``.
+
+        Without ``logits`` the forward stops after the last block asked for.
+        """
+        if logits and not self.config.num_classes:
+            raise ValueError(f"{self.config.name} has no classifier (fc)")
+        x = self._stem(x, train)
         for block in (*self.layer1, *self.layer2):
-            x = block(x)
+            x = block(x, train)
         out = {}
-        for i, block in enumerate(self.layer3[:num_blocks]):
-            x = block(x)
-            out[f"layer3.{i}"] = jnp.mean(x, axis=(1, 2))
+        wanted = self.config.depths[2] if stop_at is None else stop_at
+        for i, block in enumerate(self.layer3):
+            if not logits and i >= wanted:
+                break
+            x = block(x, train)
+            if i < wanted:
+                out[f"{FEATURE_STAGE}.{i}"] = jnp.mean(x, axis=(1, 2))
+        if logits:
+            for block in self.layer4:
+                x = block(x, train)
+            out["logits"] = self.fc(jnp.mean(x, axis=(1, 2)))
         return out
 
+    def features(self, x: jax.Array, stop_at: int | None = 2) -> dict[str, jax.Array]:
+        """``{"layer3.0": (N, d), "layer3.1": (N, d)}`` (eval mode), stopping after block
+        ``stop_at - 1`` of conv4_x (``None``: every block)."""
+        return self(x, stop_at=stop_at)
 
-def block_names(arch: str, num_blocks: int | None = None) -> list[str]:
-    """The feature names the forward returns for ``arch``: ``["layer3.0", "layer3.1", ...]``."""
-    return [f"layer3.{i}" for i in range(ARCHS[arch][2])][:num_blocks]
+    def logits(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """(N, H, W, 3) -> (N, num_classes); ``train`` uses and updates batch statistics."""
+        return self(x, logits=True, train=train)["logits"]
 
+
+# --- Abstract structure and the one mapping between the canonical dict and the module state ------
 
 @cache
-def _abstract(arch: str) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: ResNetConv4(arch, rngs=nnx.Rngs(0))))
+def abstract(config: ResNetConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, state)`` of ``config``'s module, shapes only (nothing allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: ResNet(config, rngs=nnx.Rngs(0))))
 
 
-def graphdef(arch: str) -> nnx.GraphDef:
-    return _abstract(arch)[0]
+def graphdef(config: ResNetConfig) -> nnx.GraphDef:
+    return abstract(config)[0]
 
 
-def init_flat(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Freshly initialised parameters (Flax's default init) as a flat tree."""
-    return state_to_flat(nnx.state(ResNetConv4(arch, rngs=nnx.Rngs(seed))))
+# Flax leaf name -> torch leaf name. Unambiguous: a BatchNorm has no kernel, a conv no scale.
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var"}
 
 
-def expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-    """``{"conv1.kernel": (7, 7, 3, 64), ...}``: what a converter must produce for ``arch``."""
-    return {k: tuple(v.shape) for k, v in state_to_flat(_abstract(arch)[1]).items()}
+def _torch_name(path: tuple) -> str:
+    *parents, leaf = (str(p) for p in path)
+    return ".".join([*parents, _TORCH_LEAF[leaf]])
 
 
-def state_to_flat(state: nnx.State) -> dict[str, np.ndarray]:
-    """``nnx.State`` -> ``{"layer1.0.conv1.kernel": array}`` (arrays left as they are)."""
-    flat = nnx.to_flat_state(state)
-    return {".".join(str(k) for k in path): v.get_value() for path, v in flat}
+def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T  # Linear (in, out) -> torch (out, in)
+    return value
 
 
-def check_shapes(flat: dict[str, np.ndarray], want: dict[str, tuple[int, ...]], what: str) -> None:
-    """Raise ``ValueError`` naming the missing, unexpected or mis-shaped keys of ``flat``."""
-    missing = sorted(set(want) - set(flat))
-    extra = sorted(set(flat) - set(want))
-    if missing or extra:
-        raise ValueError(
-            f"parameters do not match {what}: missing {missing[:4]}, unexpected {extra[:4]}"
-        )
-    bad = [f"{k} {tuple(np.shape(flat[k]))} != {tuple(want[k])}" for k in want
-           if tuple(np.shape(flat[k])) != tuple(want[k])]
+def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO, never a bare .T
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def expected_shapes(config: ResNetConfig) -> dict[str, tuple[int, ...]]:
+    """The canonical state dict ``config`` takes: ``{"conv1.weight": (64, 3, 7, 7), ...}``."""
+    out = {}
+    for path, var in nnx.to_flat_state(abstract(config)[1]):
+        shape = var.get_value().shape
+        leaf = str(path[-1])
+        out[_torch_name(path)] = tuple(_to_torch_layout(leaf, np.empty(shape, np.bool_)).shape)
+    return out
+
+
+def check_state_dict(state_dict: StateDict, config: ResNetConfig) -> None:
+    """``ValueError`` listing every missing, unexpected and mis-shaped key (big_vision's
+    ``merge_params`` check): nothing is loaded partially."""
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(state_dict))
+    extra = sorted(set(state_dict) - set(want))
+    bad = [f"{k} {tuple(np.shape(state_dict[k]))} != {want[k]}" for k in sorted(want)
+           if k in state_dict and tuple(np.shape(state_dict[k])) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra)}")
     if bad:
-        raise ValueError(f"parameter shapes do not match {what}: {'; '.join(bad[:4])}")
+        problems.append(f"mis-shaped {'; '.join(bad)}")
+    if problems:
+        raise ValueError(f"parameters do not fit {config.name}: {' | '.join(problems)}")
 
 
-def fill_state(state: nnx.State, flat: dict[str, np.ndarray]) -> nnx.State:
-    """Put a flat tree's arrays (as float32) into ``state`` in place; return it."""
-    pure: dict = {}
-    for key, value in flat.items():
-        node = pure
-        *parents, leaf = [int(p) if p.isdigit() else p for p in key.split(".")]
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value, dtype=jnp.float32)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
+def from_state_dict(state_dict: StateDict, config: ResNetConfig) -> nnx.State:
+    """The canonical state dict as ``config``'s ``nnx.State`` (float32 JAX arrays), after
+    :func:`check_state_dict`."""
+    check_state_dict(state_dict, config)
+    flat = []
+    for path, var in nnx.to_flat_state(abstract(config)[1]):
+        value = _to_flax_layout(str(path[-1]), np.asarray(state_dict[_torch_name(path)]))
+        # A copy: on CPU jnp.asarray may alias the NumPy buffer, which the caller may reuse.
+        flat.append((path, var.replace(jnp.array(value, jnp.float32))))
+    return nnx.from_flat_state(flat)
 
 
-def flat_to_state(flat: dict[str, np.ndarray], arch: str) -> nnx.State:
-    """Check a flat tree against ``arch``'s init (every key, every shape) and return its state.
+def to_state_dict(state: nnx.State) -> StateDict:
+    """Inverse of :func:`from_state_dict`: a module state -> the canonical dict (float32 NumPy)."""
+    return {_torch_name(path): np.ascontiguousarray(
+                _to_torch_layout(str(path[-1]), np.asarray(var.get_value(), np.float32)))
+            for path, var in nnx.to_flat_state(state)}
 
-    Raises ``ValueError`` naming the missing, unexpected or mis-shaped parameters.
+
+def build(config: ResNetConfig, state_dict: StateDict) -> ResNet:
+    """A live module with ``state_dict``'s parameters."""
+    return nnx.merge(graphdef(config), from_state_dict(state_dict, config))
+
+
+# --- BatchNorm folding: the inference network -----------------------------------------------------
+
+_BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
+
+
+def _bn_of(conv: str, keys: set[str]) -> str | None:
+    """The BatchNorm right after convolution ``conv`` (canonical names), if there is one."""
+    head, _, last = conv.rpartition(".")
+    prefix = head + "." if head else ""
+    if last.startswith("conv") and f"{prefix}{last.replace('conv', 'bn')}.weight" in keys:
+        return f"{prefix}{last.replace('conv', 'bn')}"
+    if last.isdigit() and f"{prefix}{int(last) + 1}.running_var" in keys:
+        return f"{prefix}{int(last) + 1}"  # nn.Sequential: deep stem, downsample
+    if conv == "conv1.6" and "bn1.weight" in keys:
+        return "bn1"  # deep stem: its last conv is followed by the stem's bn1
+    return None
+
+
+def fold(config: ResNetConfig, state_dict: StateDict) -> tuple[ResNetConfig, StateDict]:
+    """Fold every eval-mode BatchNorm into the convolution before it.
+
+    Returns ``(config with batchnorm=False, state dict)`` where each ``<conv>.weight`` is
+    ``W * gamma / sqrt(var + eps)`` and ``<conv>.bias`` is ``beta + (b - mean) * scale``, computed
+    in float64 so that folding adds no error beyond the final rounding to float32. An already
+    folded config is returned as it is.
     """
-    check_shapes(flat, expected_shapes(arch), arch)
-    # A copy: the cached abstract state stays abstract.
-    return fill_state(jax.tree.map(lambda x: x, _abstract(arch)[1]), flat)
+    if not config.batchnorm:
+        return config, state_dict
+    check_state_dict(state_dict, config)
+    keys = set(state_dict)
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key.endswith(".weight") and np.ndim(value) == 4:
+            conv = key[: -len(".weight")]
+            bn = _bn_of(conv, keys)
+            if bn is None:
+                raise ValueError(f"no BatchNorm after convolution {conv}")
+            out[f"{conv}.weight"], out[f"{conv}.bias"] = fold_bn(
+                value, state_dict.get(f"{conv}.bias"),
+                *(state_dict[f"{bn}.{p}"] for p in _BN_LEAVES), config.bn_eps)
+        elif key.startswith("fc."):
+            out[key] = np.asarray(value, np.float32)
+    folded = dataclasses.replace(config, batchnorm=False)
+    check_state_dict(out, folded)
+    return folded, out
 
 
-def forward(arch: str, state: nnx.State, images: jax.Array,
-            num_blocks: int | None = None) -> dict[str, jax.Array]:
-    """Pure forward: ``images`` (N, H, W, 3) -> ``{"layer3.i": (N, 256)}``. Jit/vmap freely."""
-    return nnx.merge(graphdef(arch), state)(images, num_blocks)
+def fold_bn(weight_oihw: np.ndarray, conv_bias: np.ndarray | None, gamma: np.ndarray,
+            beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+            eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """One conv + inference BatchNorm -> (OIHW weight, bias), float32, computed in float64."""
+    scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    bias = np.zeros_like(scale) if conv_bias is None else np.asarray(conv_bias, np.float64)
+    shift = np.asarray(beta, np.float64) + (bias - np.asarray(mean, np.float64)) * scale
+    weight = np.asarray(weight_oihw, np.float64) * scale[:, None, None, None]
+    return weight.astype(np.float32), shift.astype(np.float32)
+
+
+def inference(config: ResNetConfig, state_dict: StateDict, *,
+              backbone: bool = False) -> tuple[ResNetConfig, nnx.State]:
+    """``(folded config, nnx.State)`` of the BatchNorm-free inference network; ``backbone`` cuts
+    it after conv4_x (what the features need: layer4 and fc never reach the device)."""
+    if backbone and (config.depths[3] or config.num_classes):
+        cut = config.backbone()
+        state_dict = {k: v for k, v in state_dict.items()
+                      if not k.startswith(("layer4.", "fc."))}
+        config = cut
+    folded, sd = fold(config, state_dict)
+    return folded, from_state_dict(sd, folded)
+
+
+def apply(config: ResNetConfig, state: nnx.State, images: jax.Array, *,
+          stop_at: int | None = 0, logits: bool = False,
+          train: bool = False) -> dict[str, jax.Array]:
+    """Pure forward over an explicit state (jit/vmap freely): see :meth:`ResNet.__call__`."""
+    return nnx.merge(graphdef(config), state)(images, stop_at=stop_at, logits=logits, train=train)
+
+
+# --- The one initialiser --------------------------------------------------------------------------
+
+def init_state_dict(config: ResNetConfig, seed: int = 0, *,
+                    zero_init_residual: bool = False) -> StateDict:
+    """Freshly initialised canonical parameters, as torchvision initialises a ResNet.
+
+    Convolutions: Kaiming normal, fan_out, ReLU gain (``std = sqrt(2 / (out * kh * kw))``);
+    BatchNorm weight 1, bias 0, running mean 0, variance 1; ``fc`` torch's ``nn.Linear`` default
+    (uniform in +-1/sqrt(in) for weight and bias); conv biases (folded configs) 0.
+    ``zero_init_residual`` zeroes the last BatchNorm's weight of every residual branch (the last
+    conv's weight when there is no BatchNorm), so that each block starts as its shortcut.
+    Drawn with NumPy: JAX would compile a program per parameter shape, which on a CPU costs more
+    than the draws. Seeded: the same seed gives the same parameters.
+    """
+    rng = np.random.default_rng(seed)
+    last = "bn2" if config.block == "basic" else "bn3"
+    shapes = expected_shapes(config)
+    out: StateDict = {}
+    for key, shape in shapes.items():
+        module, _, leaf = key.rpartition(".")
+        if key.startswith("fc."):
+            bound = 1.0 / math.sqrt(shapes["fc.weight"][1])
+            value = rng.uniform(-bound, bound, shape)
+        elif leaf == "weight" and len(shape) == 4:
+            std = math.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))
+            value = rng.standard_normal(shape) * std
+            if (zero_init_residual and not config.batchnorm and module.startswith("layer")
+                    and module.endswith(last.replace("bn", "conv"))):
+                value = np.zeros(shape)
+        elif leaf in ("weight", "running_var"):
+            residual_end = module.startswith("layer") and module.endswith(last)
+            value = np.zeros(shape) if (zero_init_residual and residual_end
+                                        and leaf == "weight") else np.ones(shape)
+        else:  # BatchNorm bias and running mean, conv biases
+            value = np.zeros(shape)
+        out[key] = value.astype(np.float32)
+    return out

@@ -1,7 +1,15 @@
 """The model zoo on disk: one Orbax checkpoint per model plus ``zoo.json`` (docs/interface.md).
 
-``zoo.json``: ``{"models": [{"name", "arch", "source", "source_format", "sha256", "checkpoint"}]}``
-with ``checkpoint`` relative to the zoo folder.
+``zoo.json``: ``{"format": 2, "models": [{"name", "arch", "config", "source", "source_format",
+"sha256", "checkpoint"}]}`` with ``checkpoint`` relative to the zoo folder, ``arch`` the display
+name and ``config`` the :class:`ddscore_jax.model.ResNetConfig` read from the checkpoint's tensors.
+Each checkpoint holds the model's canonical state dict (its own parameters, BatchNorm unfolded,
+``fc`` included; see :mod:`ddscore_jax.model`), nested at the dots.
+
+A zoo of the first format (``zoo.json`` without ``format``: BatchNorm folded into HWIO kernels,
+``params``/``head`` trees) is refused with the command that rebuilds it from its sources in a new
+folder; it is not migrated, since its checkpoints no longer hold the BatchNorm parameters the new
+format keeps (fine-tuning would silently lose them).
 
 Writing (:func:`add`) is one writer at a time (``lock.exclusive`` on ``.ddscore-jax.lock``) and
 all-or-nothing at every instant, ``kill -9`` included: each new checkpoint is saved under a
@@ -21,18 +29,21 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from flax import traverse_util
 
-from ddscore_jax import interrupts, lock
+from ddscore_jax import interrupts, lock, model
 from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
+from ddscore_jax.model import ResNetConfig
 
 ZOO_FILE = "zoo.json"
 CHECKPOINTS = "checkpoints"
+FORMAT = 2  # 1 (no "format" key): BatchNorm folded, ResNet18/34 only
 LOCK_FILE = ".ddscore-jax.lock"
 # A model name is also a file name (``checkpoints/<name>``, ``extract``'s ``<name>.npz``): no
 # separators, no leading '.' or '-'. Checked when written, and again when read (zoo.json is
@@ -45,11 +56,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    arch: str
+    arch: str  # display name, e.g. "resnet50"
+    config: ResNetConfig
     source: str
     source_format: str
     sha256: str
     checkpoint: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "arch": self.arch, "config": self.config.to_json(),
+                "source": self.source, "source_format": self.source_format,
+                "sha256": self.sha256, "checkpoint": self.checkpoint}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> ZooEntry:
+        return cls(**{**doc, "config": ResNetConfig.from_json(doc["config"])})
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -69,7 +90,19 @@ def read(zoo: str | os.PathLike, *, allow_missing: bool = False) -> list[ZooEntr
         raise InputError(f"{path}: no zoo here (create one with `ddscore-jax convert`)")
     try:
         doc = json.loads(path.read_text())
-        entries = [ZooEntry(**m) for m in doc["models"]]
+        fmt = doc.get("format", 1) if isinstance(doc, dict) else None
+    except ValueError as e:
+        raise InputError(f"{path}: not a valid zoo.json ({e})") from None
+    if fmt == 1 and doc.get("models") == []:
+        return []  # an empty zoo of the first format holds nothing to rebuild
+    if fmt == 1 and isinstance(doc.get("models"), list):
+        raise InputError(f"{path}: zoo of an older ddscore-jax (BatchNorm folded, no config); "
+                         f"rebuild it in a new folder: {_rebuild_command(zoo, doc['models'])}")
+    if fmt != FORMAT:
+        raise InputError(f"{path}: not a valid zoo.json (format {fmt!r}, this ddscore-jax "
+                         f"reads format {FORMAT})")
+    try:
+        entries = [ZooEntry.from_json(m) for m in doc["models"]]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a valid zoo.json ({e})") from None
     seen = set()
@@ -84,6 +117,14 @@ def read(zoo: str | os.PathLike, *, allow_missing: bool = False) -> list[ZooEntr
             raise InputError(f"{path}: checkpoint {e.checkpoint!r} of model {e.name!r} must be a "
                              "path inside the zoo folder")
     return entries
+
+
+def _rebuild_command(zoo: str | os.PathLike, models: list) -> str:
+    sources = list(dict.fromkeys(
+        str((Path(zoo) / m["source"]).resolve()) for m in models
+        if isinstance(m, dict) and isinstance(m.get("source"), str)))
+    shown = " ".join(sources[:4]) + (" ..." if len(sources) > 4 else "")
+    return f"ddscore-jax convert {shown or 'SRC...'} --zoo NEW_ZOO"
 
 
 def read_nonempty(zoo: str | os.PathLike) -> list[ZooEntry]:
@@ -106,27 +147,6 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def _nest(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = np.asarray(value, dtype=np.float32)
-    return tree
-
-
-def _unnest(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_unnest(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = np.asarray(v)
-    return flat
-
-
 def _restore(zoo: str | os.PathLike, entry: ZooEntry) -> dict:
     path = (Path(zoo) / entry.checkpoint).resolve()  # Orbax wants absolute paths
     if not path.is_dir():
@@ -141,16 +161,21 @@ def _restore(zoo: str | os.PathLike, entry: ZooEntry) -> dict:
         raise InputError(f"{path}: unreadable checkpoint of model {entry.name!r} ({e})") from None
 
 
-def load_params(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray]:
-    """The backbone parameters of one zoo model, as the flat tree ``ddscore_jax.model`` takes."""
-    return _unnest(_restore(zoo, entry)["params"])
+def load_state_dict(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray]:
+    """One zoo model's canonical state dict (see :mod:`ddscore_jax.model`), checked against its
+    config; InputError naming the checkpoint when it does not fit."""
+    sd = {k: np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(_restore(zoo, entry), sep=".").items()}
+    try:
+        model.check_state_dict(sd, entry.config)
+    except ValueError as e:
+        raise InputError(f"{(Path(zoo) / entry.checkpoint).resolve()}: {e}") from None
+    return sd
 
 
-def load_head(zoo: str | os.PathLike, entry: ZooEntry) -> dict[str, np.ndarray] | None:
-    """The layers after conv4_x (flat ``layer4.*``, ``fc.kernel`` (in, out), ``fc.bias``) of one
-    zoo model, or None when its source had none (a backbone-only checkpoint)."""
-    tree = _restore(zoo, entry)
-    return _unnest(tree["head"]) if tree.get("head") else None
+def load_model(zoo: str | os.PathLike, entry: ZooEntry) -> ImportedModel:
+    """One zoo model: its config and canonical state dict."""
+    return ImportedModel(entry.config, load_state_dict(zoo, entry))
 
 
 @dataclass
@@ -207,7 +232,7 @@ def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
     todo = []
     for a in additions:
         old = entries.get(a.name)
-        if old and old.sha256 == a.sha256 and old.arch == a.model.arch:
+        if old and old.sha256 == a.sha256 and old.config == a.model.config:
             continue
         if old and not overwrite:
             raise InputError(f"{a.source}: the zoo already has a different model named {a.name!r} "
@@ -233,9 +258,8 @@ def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
     ckpt = _checkpointer()
     for a in todo:
         tmp = folder / f".{a.name}.{token}.tmp"
-        tree = {"params": _nest(a.model.params)}
-        if a.model.head:
-            tree["head"] = _nest(a.model.head)
+        tree = traverse_util.unflatten_dict(
+            {k: np.asarray(v, np.float32) for k, v in a.model.state_dict.items()}, sep=".")
         # Orbax finishes in background threads: a Ctrl-C waits for them rather than leave them
         # writing while the interpreter shuts down.
         with interrupts.deferred("the checkpoint being written"):
@@ -246,12 +270,13 @@ def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
         tmp.rename(finals[a.name])
         fault_point("convert:placed")
     for a in todo:
-        entries[a.name] = ZooEntry(a.name, a.model.arch, os.path.relpath(a.source, zoo),
-                                   a.source_format, a.sha256,
+        entries[a.name] = ZooEntry(a.name, a.model.arch, a.model.config,
+                                   os.path.relpath(a.source, zoo), a.source_format, a.sha256,
                                    f"{CHECKPOINTS}/{finals[a.name].name}")
     # The commit point; an interrupt waits for it so that "nothing was added" stays true.
     with interrupts.deferred("zoo.json being written"):
-        write_json_atomic(zoo / ZOO_FILE, {"models": [asdict(e) for e in entries.values()]},
+        write_json_atomic(zoo / ZOO_FILE, {"format": FORMAT,
+                                           "models": [e.to_json() for e in entries.values()]},
                           step="zoo.json")
     return [a.name for a in todo]
 

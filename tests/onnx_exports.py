@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from helpers import randomise_batchnorm
+from helpers import randomise_batchnorm, torch_resnet
 
 # Every exporter setting the ONNX importer must accept, each once. TorchScript exporter
 # (dynamo=False): with constant folding, BatchNorm is folded into the convs; without it,
@@ -60,6 +60,22 @@ def export(net, path: Path, variant: str, image_size: int) -> Path:
         onnx.save_model(proto, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=False, size_threshold=0)
     return path
+
+
+# The ResNet v1 family as its own libraries build it: torchvision's, and timm's ResNet-D (deep stem,
+# average-pool shortcut), which torchvision does not have.
+TIMM_ARCHS = ("resnet18d", "resnet50d")
+
+
+def source_net(arch: str, seed: int, num_classes: int = 2):
+    """torchvision's or timm's ``arch`` in eval mode, random weights, randomised BatchNorm."""
+    if arch not in TIMM_ARCHS:
+        return torch_resnet(arch, seed, num_classes=num_classes)
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return randomise_batchnorm(timm.create_model(arch, pretrained=False, num_classes=num_classes))
 
 
 def onnxruntime_logits(path: Path, images_nhwc: np.ndarray) -> np.ndarray:
@@ -149,3 +165,60 @@ def relocate_external_data(model: Path, weights_dir: Path, dest: Path, location:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(proto.SerializeToString())
     return dest
+
+
+def timm_resnetv2(arch: str = "resnetv2_18", seed: int = 0):
+    """timm's pre-activation ResNet (v2, ``resnetv2_18`` .. ``resnetv2_152``)."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return randomise_batchnorm(timm.create_model(arch, pretrained=False, num_classes=2))
+
+
+def channels_last_input(net):
+    """``net`` behind a channels-last input (N, H, W, 3) transposed to NCHW, as Keras models
+    exported with tf2onnx begin."""
+    import torch
+
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.permute(0, 3, 1, 2))
+
+    return ChannelsLast().eval()
+
+
+def export_channels_last(net, path: Path, image_size: int) -> Path:
+    """:func:`channels_last_input` of ``net`` exported (TorchScript exporter, opset 13)."""
+    import torch
+
+    example = (torch.randn(EXPORT_BATCH, image_size, image_size, 3),)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(channels_last_input(net), example, str(path), dynamo=False,
+                          opset_version=13)
+    return path
+
+
+def stride_on_first_conv(seed: int = 0):
+    """A small torchvision Bottleneck ResNet (one block per stage) with each stage's stride moved
+    from the 3x3 to the first 1x1 convolution: the original ResNet v1 (Caffe, MXNet/Gluon, the
+    ONNX Model Zoo's resnet50-v1)."""
+    import torch
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(seed)
+    net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=2)
+    for stage in (net.layer2, net.layer3, net.layer4):
+        stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
+    return randomise_batchnorm(net)
+
+
+def mixed_bn_eps(net):
+    """``net`` with its stem BatchNorm's epsilon changed (1e-3) and every other left at 1e-5."""
+    net.bn1.eps = 1e-3
+    return net

@@ -29,7 +29,9 @@ def write_folder(root: Path, per_class: int = 3) -> Path:
 def add_model(zoo_dir: Path, name: str, seed: int) -> None:
     # The sha256 stands for the checkpoint file's hash; a new seed is a new checkpoint.
     zoo.add(zoo_dir, [zoo.Addition(name, zoo_dir / f"{name}.pth", "pytorch", f"{seed:064x}",
-                                   ImportedModel("resnet18", model.init_flat("resnet18", seed)))],
+                                   ImportedModel(model.CONFIGS["resnet18"],
+                                                 model.init_state_dict(model.CONFIGS["resnet18"],
+                                                                       seed)))],
             overwrite=True)
 
 

@@ -133,10 +133,12 @@ def make_bad_checkpoint(kind, folder, good):
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
                                   torch.nn.Conv2d(8, 8, 3))
         torch.save(net.state_dict(), path)
-    elif kind == "resnet50":
+    elif kind == "incomplete":
         import torchvision
 
-        torch.save(torchvision.models.resnet50().state_dict(), path)
+        sd = torchvision.models.resnet50().state_dict()
+        del sd["layer2.0.bn1.running_var"]
+        torch.save(sd, path)
     elif kind == "code_pickle":
         torch.save({"conv1.weight": torch.zeros(1), "payload": Evil()}, path)
     elif kind == "wrong_suffix":
@@ -151,7 +153,7 @@ def make_bad_checkpoint(kind, folder, good):
     ("garbage", "unreadable PyTorch checkpoint"),
     ("truncated", "unreadable PyTorch checkpoint"),
     ("not_resnet", "not a torchvision ResNet"),
-    ("resnet50", "Bottleneck"),
+    ("incomplete", "missing layer2.0.bn1.running_var"),
     ("code_pickle", "refused"),
     ("wrong_suffix", "not a checkpoint this tool reads"),
     ("missing", "no such file"),

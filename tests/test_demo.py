@@ -74,10 +74,10 @@ def test_target_set_layout_and_defects(tmp_path):
 
 
 def test_init_state_follows_flax_defaults_and_zeroes_residuals():
-    flat = model.state_to_flat(demo.init_state(0)["backbone"])
-    assert {k: tuple(v.shape) for k, v in flat.items()} == model.expected_shapes(demo.ARCH)
+    flat = model.to_state_dict(demo.init_state(0)["backbone"])
+    assert {k: tuple(v.shape) for k, v in flat.items()} == model.expected_shapes(demo.BACKBONE)
     for key, value in flat.items():
-        value = np.asarray(value)
+        value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # OIHW -> HWIO
         if key.endswith(".bias") or ".conv2." in key:
             assert not value.any(), key
         else:
@@ -86,9 +86,9 @@ def test_init_state_follows_flax_defaults_and_zeroes_residuals():
             assert abs(value.std() / std - 1) < 0.1, key
             assert np.abs(value).max() <= 2 * std / 0.87962566103423978 + 1e-7, key
 
-    control = model.state_to_flat(demo.init_state(3, zero_residual=False)["backbone"])
-    assert np.asarray(control["layer1.0.conv2.kernel"]).std() > 0
-    again = model.state_to_flat(demo.init_state(0)["backbone"])
+    control = model.to_state_dict(demo.init_state(3, zero_residual=False)["backbone"])
+    assert np.asarray(control["layer1.0.conv2.weight"]).std() > 0
+    again = model.to_state_dict(demo.init_state(0)["backbone"])
     assert all(np.array_equal(np.asarray(flat[k]), np.asarray(again[k])) for k in flat)
 
 
@@ -132,7 +132,7 @@ def _dead_pid() -> int:
 
 
 def _zoo_digests(zoo_dir: Path) -> dict[str, str]:
-    return {e.name: demo.params_sha256(zoo.load_params(zoo_dir, e)) for e in zoo.read(zoo_dir)}
+    return {e.name: demo.params_sha256(zoo.load_state_dict(zoo_dir, e)) for e in zoo.read(zoo_dir)}
 
 
 def test_cache_is_built_once_and_rebuilt_when_incomplete(tmp_path):

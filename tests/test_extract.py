@@ -54,8 +54,25 @@ def write_mixed_folder(root: Path, per_class: int = 5, seed: int = 0) -> Path:
     return root
 
 
-def random_models(n: int, arch: str = "resnet18") -> list[LoadedModel]:
-    return [LoadedModel(f"m{i}", arch, model.init_flat(arch, seed=i)) for i in range(n)]
+def random_state_dict(config: model.ResNetConfig, seed: int) -> dict[str, np.ndarray]:
+    """torchvision's init with random BatchNorm statistics and affine parameters, so that
+    folding really changes the weights."""
+    sd = model.init_state_dict(config, seed)
+    rng = np.random.default_rng(seed + 1000)
+    for k, v in sd.items():
+        if k.endswith("running_mean") or (k.endswith(".bias") and v.ndim == 1
+                                          and not k.startswith("fc")):
+            sd[k] = rng.normal(0.0, 0.3, v.shape).astype(np.float32)
+        elif k.endswith("running_var"):
+            sd[k] = rng.uniform(0.3, 3.0, v.shape).astype(np.float32)
+        elif k.endswith(".weight") and v.ndim == 1:
+            sd[k] = rng.normal(1.0, 0.3, v.shape).astype(np.float32)
+    return sd
+
+
+def random_models(n: int, arch: str = "resnet18", **kw) -> list[LoadedModel]:
+    config = model.CONFIGS[arch]
+    return [LoadedModel(f"m{i}", config, random_state_dict(config, i), **kw) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -146,27 +163,98 @@ def test_memory_is_bounded_by_the_prefetch_depth_not_the_data_set(tmp_path, monk
 # ---------------------------------------------------------------- forward
 
 
-def test_batchnorm_is_folded_into_the_convolutions():
-    # What the forward runs on: every parameter is a convolution's kernel or bias; no BatchNorm
-    # scale, shift or running statistic is left to apply per batch.
-    for arch in model.ARCHS:
-        names = model.expected_shapes(arch)
-        assert names and all(k.rsplit(".", 1)[1] in ("kernel", "bias") for k in names)
-        assert all(".conv" in k or k.startswith("conv1.") or ".downsample." in k for k in names)
-
-
 def test_features_match_the_forward_on_the_reference_batch(dataset):
     models = random_models(2)
     feats = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2)
     images = data.load_batch(dataset, range(len(dataset)), SIZE)
-    reference = jax.jit(model.forward, static_argnums=(0, 3))
     for m, f in zip(models, feats, strict=True):
-        ref = reference(m.arch, model.flat_to_state(m.params, m.arch), images, 2)
+        # The module as trained, BatchNorm unfolded, eval mode: the engine's folded forward must
+        # give its numbers.
+        ref = jax.jit(model.build(m.config, m.state_dict).features)(images)
+        assert sorted(f) == ["layer3.0", "layer3.1"]
         for block in ("layer3.0", "layer3.1"):
-            assert f[block].shape == (len(dataset), model.FEATURE_DIM)
+            assert f[block].shape == (len(dataset), 256)
             assert f[block].dtype == np.float32
             # Batch 4 (padded) vs one batch of 10: different programs, float32 rounding only.
             np.testing.assert_allclose(f[block], np.asarray(ref[block]), rtol=1e-5, atol=1e-6)
+
+
+# A small Bottleneck ResNeXt-D (groups, deep stem, average-pool shortcut, 1024-d features) and a
+# BasicBlock net with a classifier: a mixed zoo that compiles in seconds.
+SMALL_BOTTLENECK = model.ResNetConfig("bottleneck", (1, 1, 2, 1), groups=4, base_width=8,
+                                      deep_stem=True, stem_width=16, avg_down=True, num_classes=5)
+SMALL_BASIC = model.ResNetConfig("basic", (1, 1, 2, 1), num_classes=3)
+
+
+def test_one_pass_serves_features_and_probabilities_of_a_mixed_zoo(dataset, monkeypatch):
+    decoded = []
+    real = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda p, s: decoded.append(p) or real(p, s))
+    sd_basic = random_state_dict(SMALL_BASIC, 1)
+    sd_bottle = random_state_dict(SMALL_BOTTLENECK, 2)
+    models = [LoadedModel("basic", SMALL_BASIC, sd_basic),
+              LoadedModel("basic+head", SMALL_BASIC, sd_basic, head="probabilities"),
+              LoadedModel("bottleneck+head", SMALL_BOTTLENECK, sd_bottle, head="probabilities"),
+              LoadedModel("bottleneck logits", SMALL_BOTTLENECK, sd_bottle, blocks=0,
+                          head="logits")]
+    out = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2)
+    # Every image decoded once, for all four jobs together.
+    assert sorted(decoded) == sorted(dataset.root / p for p in dataset.paths)
+    n = len(dataset)
+    assert {k: v.shape for k, v in out[0].items()} == {"layer3.0": (n, 256), "layer3.1": (n, 256)}
+    assert {k: v.shape for k, v in out[2].items()} == {
+        "layer3.0": (n, 1024), "layer3.1": (n, 1024), "probabilities": (n, 5)}
+    assert list(out[3]) == ["logits"]
+    # Features from the full pass equal those of the pass cut after conv4_x (other programs:
+    # float32 rounding at most).
+    for b in ("layer3.0", "layer3.1"):
+        np.testing.assert_allclose(out[1][b], out[0][b], rtol=1e-6, atol=1e-7)
+    # Against the module as trained (BatchNorm unfolded, eval mode), on the decoded images.
+    x = data.load_batch(dataset, range(n), SIZE)
+    for job, sd, config in ((out[1], sd_basic, SMALL_BASIC), (out[2], sd_bottle, SMALL_BOTTLENECK)):
+        ref = jax.jit(lambda v, c=config, s=sd: model.build(c, s)(v, stop_at=2, logits=True))(x)
+        np.testing.assert_allclose(job["probabilities"], jax.nn.softmax(ref["logits"]),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(job["probabilities"].sum(1), 1.0, rtol=1e-6)
+        for b in ("layer3.0", "layer3.1"):
+            np.testing.assert_allclose(job[b], ref[b], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.nn.softmax(out[3]["logits"]), out[2]["probabilities"],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no classifier"):
+        LoadedModel("x", SMALL_BASIC.backbone(), {}, head="probabilities")
+
+
+def test_a_second_rank_with_leep_decodes_nothing(tmp_path, monkeypatch):
+    from ddscore_jax import api
+
+    zoo_dir = tmp_path / "zoo"
+    zoo.add(zoo_dir, [
+        zoo.Addition("basic", tmp_path / "basic.pth", "pytorch", "1" * 64,
+                     ImportedModel(SMALL_BASIC, random_state_dict(SMALL_BASIC, 1))),
+        zoo.Addition("bottleneck", tmp_path / "b.pth", "pytorch", "2" * 64,
+                     ImportedModel(SMALL_BOTTLENECK, random_state_dict(SMALL_BOTTLENECK, 2))),
+        zoo.Addition("headless", tmp_path / "h.pth", "pytorch", "3" * 64,
+                     ImportedModel(SMALL_BASIC.backbone(),
+                                   random_state_dict(SMALL_BASIC.backbone(), 3)))])
+    data_dir = write_mixed_folder(tmp_path / "data", per_class=4)
+    kw = dict(image_size=SIZE, batch_size=4, cache_dir=tmp_path / "cache", workers=1)
+    decoded = []
+    real = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda p, s: decoded.append(p) or real(p, s))
+    api.rank(zoo_dir, data_dir, **kw)  # features only
+    assert len(decoded) == 8
+    first = api.rank(zoo_dir, data_dir, metrics=("leep", "nce", "ddscore"), **kw)
+    # The probabilities needed one more pass (features came from the cache) ...
+    assert len(decoded) == 16 and sorted(first.cached) == ["basic", "bottleneck", "headless"]
+    second = api.rank(zoo_dir, data_dir, metrics=("leep", "nce", "ddscore"), **kw)
+    # ... and the second rank decoded nothing: features and probabilities both cached.
+    assert len(decoded) == 16
+    assert second.to_json()["models"] == first.to_json()["models"]
+    by_name = {m["name"]: m for m in first.to_json()["models"]}
+    assert by_name["headless"]["metrics"]["leep"] is None  # no classifier, no LEEP
+    assert by_name["bottleneck"]["metrics"]["leep"] is not None
+    # D-deepscore ranks 256-d and 1024-d models together.
+    assert all(0 <= m["metrics"]["ddscore"] <= 2 for m in by_name.values())
 
 
 def test_the_ragged_last_batch_does_not_recompile(tmp_path):
@@ -214,7 +302,8 @@ _SHARDED = textwrap.dedent("""
     from ddscore_jax.extract import LoadedModel, ZooForward, batch_mesh, extract_features
     assert jax.device_count() == 4, jax.devices()
     ds = data.scan(sys.argv[1])
-    models = [LoadedModel(f"m{i}", "resnet18", model.init_flat("resnet18", seed=i))
+    config = model.CONFIGS["resnet18"]
+    models = [LoadedModel(f"m{i}", config, model.init_state_dict(config, seed=i))
               for i in range(2)]
     kw = dict(batch_size=3, image_size=32, workers=2)
     one = extract_features(models, ds, mesh=batch_mesh(jax.devices()[:1]), **kw)
@@ -247,7 +336,7 @@ def test_four_devices_give_the_features_of_one(tmp_path):
         for i in range(2):
             for block in ("layer3.0", "layer3.1"):
                 one, four = z[f"one/{i}/{block}"], z[f"four/{i}/{block}"]
-                assert one.shape == four.shape == (7, model.FEATURE_DIM)
+                assert one.shape == four.shape == (7, 256)
                 # A per-device batch of 1 vs a batch of 4 is another program: float32 rounding.
                 np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
 
@@ -261,7 +350,8 @@ _HOST = textwrap.dedent("""
     from ddscore_jax import data, model
     from ddscore_jax.extract import LoadedModel, extract_features
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-    models = [LoadedModel("m0", "resnet18", model.init_flat("resnet18", seed=0))]
+    config = model.CONFIGS["resnet18"]
+    models = [LoadedModel("m0", config, model.init_state_dict(config, seed=0))]
     feats = extract_features(models, data.scan(sys.argv[1]), batch_size=3, image_size=32,
                              workers=1)
     np.savez(sys.argv[2], **{f"{i}/{b}": f[b] for i, f in enumerate(feats) for b in f})
@@ -290,7 +380,9 @@ def test_two_hosts_give_the_features_of_one(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    ref = extract_features(random_models(1), data.scan(root), batch_size=3, image_size=SIZE)
+    config = model.CONFIGS["resnet18"]
+    ref = extract_features([LoadedModel("m0", config, model.init_state_dict(config, seed=0))],
+                           data.scan(root), batch_size=3, image_size=SIZE)
     for i in range(2):
         with np.load(tmp_path / f"{i}.npz") as z:
             for m in range(1):
@@ -374,7 +466,8 @@ _COUNT_COMPILES = textwrap.dedent("""
 
 def make_zoo(root: Path, n: int = 1) -> Path:
     additions = [zoo.Addition(f"net{i}", root / f"net{i}.pth", "pytorch", f"{i:064x}",
-                              ImportedModel("resnet18", model.init_flat("resnet18", seed=i)))
+                              ImportedModel(model.CONFIGS["resnet18"],
+                                            random_state_dict(model.CONFIGS["resnet18"], i)))
                  for i in range(n)]
     zoo.add(root, additions)
     return root

@@ -147,7 +147,7 @@ def test_kill_during_convert_leaves_old_or_new(files, old_zoo, tmp_path, step):
     after = models_of(zoo_dir)
     assert after == old or (set(after) == {"m0", "m2"} and after["m0"] != old["m0"]), after
     for e in zoo.read(zoo_dir):
-        assert zoo.load_params(zoo_dir, e)
+        assert zoo.load_state_dict(zoo_dir, e)
 
     again = cli("convert", root / "new", "--zoo", zoo_dir, "--overwrite")
     assert again.returncode == 0, again.stderr
@@ -219,9 +219,13 @@ def test_tampered_or_misplaced_cache_entries_are_recomputed(small_zoo, tmp_path)
     assert "recomputing" not in third.stderr and "reused cached features of 2" in third.stderr
 
 
+def imported(seed: int) -> ImportedModel:
+    config = model.CONFIGS["resnet18"]
+    return ImportedModel(config, model.init_state_dict(config, seed))
+
+
 def add_model(zoo_dir: Path, name: str, seed: int, sha: str) -> None:
-    zoo.add(zoo_dir, [zoo.Addition(name, zoo_dir / f"{name}.pth", "pytorch", sha,
-                                   ImportedModel("resnet18", model.init_flat("resnet18", seed)))])
+    zoo.add(zoo_dir, [zoo.Addition(name, zoo_dir / f"{name}.pth", "pytorch", sha, imported(seed))])
 
 
 def test_one_sha256_two_checkpoints_two_cache_entries(tmp_path, files):
@@ -247,14 +251,14 @@ def test_a_reader_of_a_replaced_model_is_told_to_run_again(tmp_path):
     zoo_dir = tmp_path / "zoo"
     add_model(zoo_dir, "a", 0, "0" * 64)
     [before] = zoo.read(zoo_dir)
-    zoo.add(zoo_dir, [zoo.Addition("a", zoo_dir / "a.pth", "pytorch", "1" * 64, ImportedModel(
-        "resnet18", model.init_flat("resnet18", 1)))], overwrite=True)
+    zoo.add(zoo_dir, [zoo.Addition("a", zoo_dir / "a.pth", "pytorch", "1" * 64, imported(1))],
+            overwrite=True)
     [after] = zoo.read(zoo_dir)
     assert after.checkpoint != before.checkpoint
     assert not (zoo_dir / before.checkpoint).exists()
     with pytest.raises(zoo.InputError, match="was replaced while this command ran"):
-        zoo.load_params(zoo_dir, before)
-    assert zoo.load_params(zoo_dir, after)
+        zoo.load_state_dict(zoo_dir, before)
+    assert zoo.load_state_dict(zoo_dir, after)
 
 
 # ------------------------------------------------------------------- hostile names, clobbering

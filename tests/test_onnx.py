@@ -1,8 +1,10 @@
-"""ONNX import: every graph PyTorch 2.14's exporters write for a torchvision ResNet18/34
-imports to torchvision's features, ranks like its ``.pth``, and anything else is refused."""
+"""ONNX import: every graph PyTorch 2.14's exporters write for the ResNet v1 family
+(torchvision ResNet18..152, ResNeXt, Wide ResNet; timm's ResNet-D) imports to the source library's
+features and its own parameters, ranks like its ``.pth``, and anything else is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -10,15 +12,20 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import cli, error_line, rel_err, save_pth, torch_layer3_features, torch_resnet
+from helpers import cli, error_line, rel_err, save_pth, torch_layer3_features
 from onnx_exports import (
     EXPORT_BATCH,
     VARIANTS,
     export,
+    export_channels_last,
+    mixed_bn_eps,
     onnxruntime_logits,
     plain_conv_stack,
     preact_resnet18,
     relocate_external_data,
+    source_net,
+    stride_on_first_conv,
+    timm_resnetv2,
     truncated_after_layer2,
 )
 
@@ -30,34 +37,72 @@ from ddscore_jax.score import BLOCKS, score_models
 jax.config.update("jax_default_matmul_precision", "highest")
 
 IMAGE_SIZE = 64  # small images keep the suite fast; the graphs are the same at 224
-# Imported conv4_x features vs torchvision's layer3 blocks, max|ours - torch| / max|torch| per
-# block: measured 2.7e-7 .. 4.7e-7 over all variants (float32 through ~30 convolutions).
+# Imported conv4_x features vs the source library's layer3 blocks, max|ours - torch| /
+# max|torch| per block: measured 2.7e-7 .. 4.7e-7 over all variants (float32 through ~30 to
+# ~150 convolutions).
 FEATURE_RTOL = 1e-5
-# onnxruntime's logits vs torchvision's, the same measure: measured 3e-6 .. 6e-6 (through layer4 and
-# fc, and the TorchScript exporter folds BatchNorm in float32).
+# onnxruntime's logits vs the source library's, the same measure: measured 3e-6 .. 6e-6 (through
+# layer4 and fc, and the TorchScript exporter folds BatchNorm in float32).
 LOGITS_RTOL = 1e-4
-# Each imported parameter vs the .pth import's, max|diff| / max|pth|: BatchNorm folded by the
-# exporter in float32, or by us in float64 from the same float32 values: measured <= 1.6e-7.
+# Exporter-folded convolutions vs the source's own BatchNorm folded by the model (in float64),
+# max|diff| / max|folded| per tensor: the exporter folds in float32, measured <= 1.6e-7.
 PARAM_RTOL = 1e-6
 # D-deepscore (scores lie in [0, classes]) of the .pth import vs the ONNX import, |difference|.
-# Unfolded graphs import bit-identically to the .pth (both fold with float32(1e-5)). Exporter-folded
-# graphs carry weights the exporter rounded to float32 (~1.6e-7 of each tensor's scale), which moves
-# the features by ~5e-7 relative; the score then moves by ~1e-6 when the train split is tiny
-# (24 samples) but by <= 4e-7 at a realistic 240 samples (measured over 3 draws), hence SCORE_N.
+# Unfolded graphs import bit-identically to the .pth. Exporter-folded graphs carry weights the
+# exporter rounded to float32 (~1.6e-7 of each tensor's scale), which moves the features by ~5e-7
+# relative; the score then moves by ~1e-6 when the train split is tiny (24 samples) but by
+# <= 4e-7 at a realistic 240 samples (measured over 3 draws), hence SCORE_N.
 SCORE_ATOL = 1e-6
 SCORE_N = 300
-# Every variant on resnet18; on resnet34 a folded, an unfolded and a dynamo graph (exports are
-# most of this file's time).
-RESNET34_VARIANTS = ("ts-opset13", "ts-unfolded-opset17-dynamic", "dynamo-unoptimized")
-CASES = [("resnet18", v) for v in VARIANTS] + [("resnet34", v) for v in RESNET34_VARIANTS]
-FEATURE_BATCH = 3  # one batch size for every Flax forward: one compilation per architecture
-SEEDS = {"resnet18": 18, "resnet34": 34}
+# Every variant on resnet18 and three on resnet34; on each Bottleneck family a folded and an
+# unfolded graph, TorchScript and dynamo exporters between them; timm's ResNet-D once. Exports and
+# first compilations are most of this file's time, so the rest of the matrix is marked slow.
+FAST_CASES = [("resnet18", v) for v in VARIANTS] + [
+    ("resnet34", "ts-opset13"), ("resnet34", "ts-unfolded-opset17-dynamic"),
+    ("resnet34", "dynamo-unoptimized"),
+    ("resnet50", "ts-opset13"), ("resnet50", "ts-unfolded-opset13"),
+    ("resnext50_32x4d", "dynamo-dynamic"), ("resnext50_32x4d", "ts-unfolded-opset13"),
+    ("wide_resnet50_2", "ts-opset13"), ("wide_resnet50_2", "ts-unfolded-opset13"),
+    ("resnet18d", "dynamo-unoptimized"),
+]
+SLOW_CASES = [
+    ("resnet50", "dynamo-dynamic"), ("resnet50", "dynamo-unoptimized"),
+    ("resnet50", "ts-opset15-modules-as-functions"), ("resnet50", "ts-opset18-external"),
+    ("resnext50_32x4d", "ts-opset13"), ("wide_resnet50_2", "dynamo-unoptimized"),
+    ("resnet101", "ts-opset13"), ("resnet152", "dynamo-unoptimized"),
+    ("resnet50d", "ts-unfolded-opset17-dynamic"), ("resnet50d", "dynamo-dynamic"),
+    ("resnet18d", "ts-opset13"),
+]
+# onnxruntime checks the exports themselves (that each graph computes its source's logits): every
+# resnet18/34 variant and one graph per other family in the default run.
+ORT_FAST = {c for c in FAST_CASES if c[0] in ("resnet18", "resnet34")} | {
+    ("resnet50", "ts-opset13"), ("resnext50_32x4d", "ts-unfolded-opset13"),
+    ("wide_resnet50_2", "ts-opset13"), ("resnet18d", "dynamo-unoptimized")}
 
-_forward = jax.jit(model.forward, static_argnums=(0, 3))
+
+def _cases(fast: set | list) -> list:
+    return [pytest.param(*c, id="-".join(c), marks=() if c in fast else pytest.mark.slow)
+            for c in FAST_CASES + SLOW_CASES]
+
+
+CASES = _cases(FAST_CASES)
+ORT_CASES = _cases(ORT_FAST)
+FEATURE_BATCH = 3  # one batch size for every Flax forward: one compilation per architecture
+
+_features = jax.jit(model.apply, static_argnums=(0,), static_argnames=("stop_at",))
+
+
+def _unfolded(variant: str) -> bool:
+    """Whether the exporter keeps BatchNormalization nodes (no constant folding, no optimiser)."""
+    return "unfolded" in variant or "unoptimized" in variant
+
+
+def _expected_config(arch: str, variant: str) -> model.ResNetConfig:
+    return dataclasses.replace(model.CONFIGS[arch], num_classes=2, batchnorm=_unfolded(variant))
 
 
 class _Exports:
-    """Each torchvision network, its ``.pth`` import and its ONNX exports, made once per run."""
+    """Each source network, its ``.pth`` import and its ONNX exports, made once per run."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -67,8 +112,14 @@ class _Exports:
 
     def net(self, arch: str):
         if arch not in self._nets:
-            self._nets[arch] = torch_resnet(arch, SEEDS[arch], num_classes=2)
+            seed = sum(map(ord, arch))  # a different network for every architecture
+            self._nets[arch] = source_net(arch, seed, num_classes=2)
         return self._nets[arch]
+
+    def state_dict(self, arch: str) -> dict[str, np.ndarray]:
+        """The source network's own parameters, as the canonical dict holds them."""
+        return {k: v.numpy() for k, v in self.net(arch).state_dict().items()
+                if not k.endswith(".num_batches_tracked")}
 
     def onnx(self, arch: str, variant: str) -> Path:
         key = (arch, variant)
@@ -98,8 +149,14 @@ def _ort_batch(variant: str) -> int:
     return EXPORT_BATCH + 1 if "dynamic" in variant else EXPORT_BATCH
 
 
-@pytest.mark.parametrize("arch,variant", CASES)
-def test_onnxruntime_runs_the_export_like_torchvision(exports, arch, variant):
+def _forward(imported, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The zoo's inference network (BatchNorm folded, cut after conv4_x): every conv4_x block."""
+    config, state = model.inference(imported.config, imported.state_dict, backbone=True)
+    return {k: np.asarray(v) for k, v in _features(config, state, images, stop_at=None).items()}
+
+
+@pytest.mark.parametrize("arch,variant", ORT_CASES)
+def test_onnxruntime_runs_the_export_like_its_source(exports, arch, variant):
     import torch
 
     path = exports.onnx(arch, variant)
@@ -112,33 +169,44 @@ def test_onnxruntime_runs_the_export_like_torchvision(exports, arch, variant):
 
 
 @pytest.mark.parametrize("arch,variant", CASES)
-def test_imported_features_match_torchvision(exports, arch, variant):
+def test_imported_features_match_the_source(exports, arch, variant):
     imported = load_checkpoint(exports.onnx(arch, variant))
-    assert imported.arch == arch
+    # The architecture, read from the graph alone.
+    assert imported.config == _expected_config(arch, variant)
     images = _images(FEATURE_BATCH)
-    ours = _forward(arch, model.flat_to_state(imported.params, arch), images, None)
+    ours = _forward(imported, images)
     ref = torch_layer3_features(exports.net(arch), images)
-    assert sorted(ours) == sorted(ref) == model.block_names(arch)
+    assert set(ours) == set(ref) == set(model.block_names(imported.config))
     errors = {block: rel_err(ours[block], ref[block]) for block in ref}
     assert max(errors.values()) < FEATURE_RTOL, errors
 
-    # The same tree as the .pth import, head (layer4, fc) included: the names come from the
-    # graph's shape, the values agree to float32 rounding (the exporter may have folded them).
-    pth = exports.pth_import(arch)
-    assert sorted(imported.params) == sorted(pth.params)
-    assert sorted(imported.head) == sorted(pth.head)
-    assert any(k.startswith("layer4.") for k in imported.head)
-    ours_all, pth_all = imported.params | imported.head, pth.params | pth.head
-    for key, theirs in pth_all.items():
-        assert ours_all[key].shape == theirs.shape, key
-        assert ours_all[key].dtype == np.float32, key
-        assert rel_err(ours_all[key], theirs) < PARAM_RTOL, key
+
+@pytest.mark.parametrize("arch,variant", CASES)
+def test_imported_parameters_are_the_sources_own(exports, arch, variant):
+    """Names from the graph's shape, values the source's: an unfolded graph gives every BatchNorm
+    parameter bit for bit; a folded one gives what the model's own folding of the source gives,
+    to the exporter's float32 rounding. ``fc`` is the source's (out, in) matrix either way."""
+    imported = load_checkpoint(exports.onnx(arch, variant))
+    source = exports.state_dict(arch)
+    if _unfolded(variant):
+        want = source
+    else:
+        _, want = model.fold(dataclasses.replace(imported.config, batchnorm=True), source)
+    assert sorted(imported.state_dict) == sorted(want)
+    for key, theirs in want.items():
+        ours = imported.state_dict[key]
+        assert ours.shape == theirs.shape and ours.dtype == np.float32, key
+        if _unfolded(variant) or key.startswith("fc."):
+            np.testing.assert_array_equal(ours, theirs, err_msg=key)
+        else:
+            assert rel_err(ours, theirs) < PARAM_RTOL, key
 
 
 @pytest.mark.parametrize("arch,variant", [("resnet18", "ts-unfolded-opset13"),
                                           ("resnet34", "dynamo-unoptimized"),
                                           ("resnet18", "ts-opset13"),
-                                          ("resnet18", "dynamo-dynamic")])
+                                          ("resnet18", "dynamo-dynamic"),
+                                          ("resnet50", "ts-opset13")])
 def test_pth_and_onnx_imports_score_alike(exports, arch, variant):
     rng = np.random.default_rng()
     n = SCORE_N
@@ -149,11 +217,10 @@ def test_pth_and_onnx_imports_score_alike(exports, arch, variant):
     features = {}
     for name, imported in (("pth", exports.pth_import(arch)),
                            ("onnx", load_checkpoint(exports.onnx(arch, variant)))):
-        state = model.flat_to_state(imported.params, arch)
         # In FEATURE_BATCH chunks, to reuse the one compiled forward.
-        chunks = [_forward(arch, state, images[i:i + FEATURE_BATCH], None)
+        chunks = [_forward(imported, images[i:i + FEATURE_BATCH])
                   for i in range(0, n, FEATURE_BATCH)]
-        features[name] = {b: np.concatenate([np.asarray(c[b]) for c in chunks]) for b in BLOCKS}
+        features[name] = {b: np.concatenate([c[b] for c in chunks]) for b in BLOCKS}
     by_name = {s.name: s for s in score_models(features, labels, train_fraction=0.8, seed=0)}
     pth, onnx = by_name["pth"], by_name["onnx"]
     assert 0.0 < pth.score <= 3.0
@@ -189,6 +256,33 @@ def test_cli_imports_an_onnx_export(zoo):
         ("r18_onnx", "resnet18", "onnx")]
 
 
+def test_cli_imports_a_bottleneck_export_beside_a_basicblock_one(exports, tmp_path):
+    folder = tmp_path / "zoo"
+    for arch, variant in (("resnet18", "ts-opset13"), ("resnext50_32x4d", "ts-unfolded-opset13")):
+        result = cli("convert", exports.onnx(arch, variant), "--zoo", folder, "--name", arch)
+        assert result.returncode == 0, result.stderr
+    entries = json.loads((folder / "zoo.json").read_text())["models"]
+    assert [(e["name"], e["arch"]) for e in entries] == [
+        ("resnet18", "resnet18"), ("resnext50_32x4d", "resnext50_32x4d")]
+    want = _expected_config("resnext50_32x4d", "ts-unfolded-opset13")
+    assert model.ResNetConfig.from_json(entries[1]["config"]) == want
+
+
+def test_a_backbone_without_layer4_imports(exports, tmp_path):
+    """A graph that ends after conv4_x (a feature extractor) is all the features need."""
+    from torch import nn
+
+    net = exports.net("resnet18")
+    backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
+                             net.layer3).eval()
+    imported = load_checkpoint(export(backbone, tmp_path / "r18_backbone.onnx",
+                                      "ts-unfolded-opset13", IMAGE_SIZE))
+    assert imported.config == _expected_config("resnet18", "unfolded").backbone()
+    images = _images(FEATURE_BATCH)
+    ours, ref = _forward(imported, images), torch_layer3_features(net, images)
+    assert max(rel_err(ours[b], ref[b]) for b in ref) < FEATURE_RTOL
+
+
 def _preact(tmp: Path, exports: _Exports) -> Path:
     return export(preact_resnet18(), tmp / "preact_resnet18.onnx", "ts-opset13", IMAGE_SIZE)
 
@@ -200,6 +294,23 @@ def _plain(tmp: Path, exports: _Exports) -> Path:
 def _truncated(tmp: Path, exports: _Exports) -> Path:
     net = truncated_after_layer2(exports.net("resnet18"))
     return export(net, tmp / "resnet18_to_layer2.onnx", "ts-unfolded-opset13", IMAGE_SIZE)
+
+
+def _timm_v2(tmp: Path, exports: _Exports) -> Path:
+    return export(timm_resnetv2(), tmp / "resnetv2_18.onnx", "ts-opset13", IMAGE_SIZE)
+
+
+def _nhwc(tmp: Path, exports: _Exports) -> Path:
+    return export_channels_last(exports.net("resnet18"), tmp / "keras_resnet18.onnx", IMAGE_SIZE)
+
+
+def _stride_on_1x1(tmp: Path, exports: _Exports) -> Path:
+    return export(stride_on_first_conv(), tmp / "resnet_v1.onnx", "ts-opset13", IMAGE_SIZE)
+
+
+def _mixed_eps(tmp: Path, exports: _Exports) -> Path:
+    net = mixed_bn_eps(source_net("resnet18", 1))
+    return export(net, tmp / "resnet18_eps.onnx", "ts-unfolded-opset13", IMAGE_SIZE)
 
 
 def _not_onnx(tmp: Path, exports: _Exports) -> Path:
@@ -223,6 +334,8 @@ def _escape(how: str):
 
 REFUSED = {
     "pre-activation-v2": (_preact, "pre-activation ResNet (v2"),
+    "timm-resnetv2-50": (_timm_v2, "pre-activation ResNet (v2"),
+    "nhwc-input": (_nhwc, "NHWC layout"),
     "plain-conv-stack": (_plain, "plain conv stack"),
     "truncated-after-layer2": (_truncated, "conv4_x ('layer3') and layer4 missing"),
     "not-onnx": (_not_onnx, "not an ONNX model"),
@@ -246,14 +359,34 @@ def test_cli_refuses(case, exports, zoo, tmp_path):
     assert _snapshot(zoo) == before
 
 
+# Refused by the importer the same way; the CLI's handling of a refusal is the cases above.
+REFUSED_BY_LOADER = {
+    "stride-on-first-1x1": (_stride_on_1x1, "stride is on the first 1x1 convolution"),
+    "mixed-bn-epsilons": (_mixed_eps, "BatchNormalization epsilons differ"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_BY_LOADER)
+def test_loader_refuses(case, exports, tmp_path):
+    build, problem = REFUSED_BY_LOADER[case]
+    bad = build(tmp_path, exports)
+    with pytest.raises(InputError) as e:
+        load_checkpoint(bad)
+    message = str(e.value)
+    assert message.startswith(f"{bad}: ") and problem in message, message
+    assert "\n" not in message
+
+
 def test_external_data_inside_the_folder_is_read(exports, tmp_path):
     # The same relocation as the refused cases, pointing inside: the refusals are the policy's.
     dest = relocate_external_data(exports.onnx("resnet18", "ts-opset13"), tmp_path / "m" / "sub",
                                   tmp_path / "m" / "ok.onnx", "sub/weights.bin")
     imported = load_checkpoint(dest)
     reference = load_checkpoint(exports.onnx("resnet18", "ts-opset13"))
-    for key, value in reference.params.items():
-        np.testing.assert_array_equal(imported.params[key], value, err_msg=key)
+    assert imported.config == reference.config
+    assert sorted(imported.state_dict) == sorted(reference.state_dict)
+    for key, value in reference.state_dict.items():
+        np.testing.assert_array_equal(imported.state_dict[key], value, err_msg=key)
 
 
 @pytest.mark.parametrize("damage,problem", [("missing", "is missing"),

@@ -21,7 +21,7 @@ from scipy import stats
 
 from ddscore_jax import evaluate as ev
 from ddscore_jax import finetune as ft
-from ddscore_jax import fullmodel, model, zoo
+from ddscore_jax import model, zoo
 from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.errors import InputError
 
@@ -129,34 +129,30 @@ def test_reads_rank_json_and_multi_metric_files(tmp_path):
 
 
 def test_full_network_matches_torchvision(tmp_path):
-    """Imported weights through the zoo (params + head) give torchvision's logits."""
+    """Imported weights through the zoo give torchvision's logits in the fine-tuning network."""
     net = torch_resnet("resnet18", seed=3, num_classes=5)
     imported = load_checkpoint(save_pth(net, tmp_path / "r18.pth"))
     zoo.add(tmp_path / "zoo", [zoo.Addition("r18", tmp_path / "r18.pth", "pytorch", "0" * 64,
                                             imported)])
     entry = zoo.read(tmp_path / "zoo")[0]
-    head = zoo.load_head(tmp_path / "zoo", entry)
-    assert fullmodel.head_width(head) == 5
-    graphdef, state, pretrained = fullmodel.build(
-        "resnet18", 5, zoo.load_params(tmp_path / "zoo", entry), head, keep_fc=True)
+    stored = zoo.load_model(tmp_path / "zoo", entry)
+    assert stored.config.num_classes == 5
+    config, state, pretrained = ft.network(stored, 5, keep_fc=True)
     assert pretrained
     x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
-    from flax import nnx
-
-    ours = np.asarray(nnx.merge(graphdef, state)(x))
+    ours = np.asarray(model.apply(config, state, x, logits=True)["logits"])
     with torch.no_grad():
         ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     # float32 forwards with BatchNorm folded one way and applied the other: 1e-4 of the scale.
     assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
-    # A fresh head for fine-tuning: zero logits, pre-trained layer4 kept.
-    graphdef, state, _ = fullmodel.build("resnet18", 3, zoo.load_params(tmp_path / "zoo", entry),
-                                         head)
-    assert np.all(np.asarray(nnx.merge(graphdef, state)(x)) == 0)
-    flat = model.state_to_flat(state)
-    np.testing.assert_array_equal(flat["layer4.1.conv2.kernel"], head["layer4.1.conv2.kernel"])
-    with pytest.raises(ValueError, match="layer4"):
-        fullmodel.build("resnet18", 3, zoo.load_params(tmp_path / "zoo", entry),
-                        {**head, "layer4.0.conv1.kernel": np.zeros((3, 3, 256, 7))})
+    # A fresh head for fine-tuning: zero logits, pre-trained layer4 kept (BatchNorm folded).
+    config, state, _ = ft.network(stored, 3)
+    assert np.all(np.asarray(model.apply(config, state, x, logits=True)["logits"]) == 0)
+    _, folded = model.fold(stored.config, stored.state_dict)
+    np.testing.assert_array_equal(model.to_state_dict(state)["layer4.1.conv2.weight"],
+                                  folded["layer4.1.conv2.weight"])
+    with pytest.raises(ValueError, match="5 classes"):
+        ft.network(stored, 3, keep_fc=True)
 
 
 def test_cli_defaults_are_the_library_defaults():
@@ -180,9 +176,10 @@ def workspace(tmp_path_factory):
     save_pth(torch_resnet("resnet18", 1), root / "r18_full.pth")
     zoo_dir = root / "zoo"
     assert cli("convert", root / "r18_full.pth", "--zoo", zoo_dir).returncode == 0
-    flat = {k: np.asarray(v) for k, v in model.init_flat("resnet18", seed=4).items()}
+    backbone = model.CONFIGS["resnet18"].backbone()
     zoo.add(zoo_dir, [zoo.Addition("r18_backbone", root / "none", "demo", "1" * 64,
-                                   zoo.ImportedModel("resnet18", flat))])
+                                   zoo.ImportedModel(backbone,
+                                                     model.init_state_dict(backbone, seed=4)))])
     data = root / "data"
     write_image_folder(data / "train", per_class=11, classes=CLASSES, seed=1)
     write_image_folder(data / "valid", per_class=5, classes=CLASSES, seed=2)
