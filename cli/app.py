@@ -8,6 +8,7 @@ Exit codes (docs/interface.md): 0 success, 2 bad usage or bad input (one line, n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ddscore_jax import __version__
+from ddscore_jax import __version__, interrupts
 from ddscore_jax.cli import trust
 from ddscore_jax.errors import InputError
 
@@ -120,6 +121,23 @@ def _write_json(doc: object, dest: str | None) -> None:
     write_json_atomic(path, doc)
 
 
+def _refuse_clobber(dest: str | os.PathLike | None, *inputs: Path) -> None:
+    """Refuse, before any work, an output path that would overwrite one of the command's inputs:
+    an input itself, a file already inside an input folder (``ZOO/zoo.json``, an image, a feature
+    file), or anything inside a zoo's checkpoint folder."""
+    if dest is None or str(dest) == "-":
+        return
+    target = Path(dest).resolve()
+    for given in inputs:
+        folder = Path(given).resolve()
+        inside = folder in target.parents
+        if target == folder or (inside and target.exists()) or \
+                (folder / "zoo.json").is_file() and (folder / "checkpoints") in [
+                    target, *target.parents]:
+            raise InputError(f"{dest}: would overwrite an input of this command (in {given}); "
+                             "write the output elsewhere")
+
+
 def _print_ranking(ranking, title: str) -> None:
     metrics = ranking.settings["metrics"]
     caption = f"score precision: {ranking.settings['precision']}"
@@ -157,8 +175,14 @@ def convert(
     """Import ResNet v1 checkpoints into a model zoo, each on its own (exit 2 if any is refused)."""
     from ddscore_jax.convert import convert_sources
 
-    with _Bars() as bars:
-        result = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite, progress=bars)
+    try:
+        with _Bars() as bars:
+            result = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite,
+                                     progress=bars)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "__notes__", None):  # stopped before the zoo was touched
+            e.add_note(f"nothing was added to {zoo_dir}")
+        raise
     for n in result.written:
         console.print(f"added [bold]{n}[/bold] to {zoo_dir}")
     for n in result.unchanged:
@@ -182,8 +206,10 @@ def extract(
     engine: EngineOpt = "auto",
 ) -> None:
     """Write the conv4_x features of every zoo model on DATA to OUT/<model>.npz."""
-    from ddscore_jax import api
+    from ddscore_jax import api, zoo
 
+    for e in zoo.read(zoo_dir):
+        _refuse_clobber(out / f"{e.name}.npz", zoo_dir, data_root)
     with _Bars() as bars:
         written = api.extract(zoo_dir, data_root, out, batch_size=batch_size,
                               image_size=image_size, dtype=dtype, workers=workers, engine=engine,
@@ -203,6 +229,7 @@ def score(
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
+    _refuse_clobber(json_out, feats)
     with _Bars() as bars:
         ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
                             metrics=_split(metric), progress=bars)
@@ -231,6 +258,7 @@ def rank(
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
 
+    _refuse_clobber(json_out, zoo_dir, data_root, *([cache_dir] if cache_dir else []))
     with _Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
@@ -250,6 +278,7 @@ def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
 
     from ddscore_jax import zoo
 
+    _refuse_clobber(json_out, zoo_dir)
     entries = zoo.read(zoo_dir)
     table = Table(title=f"{zoo_dir}: {len(entries)} model(s)")
     for col in ("name", "arch", "source", "format", "sha256"):
@@ -284,9 +313,32 @@ def demo(
 trust.register(app)  # finetune, evaluate
 
 
+class _Stderr(logging.Handler):
+    """The library's warnings (a recomputed cache entry, a wait for a lock), one line each, on
+    whatever ``sys.stderr`` is at the time (rich redirects it above its progress bars)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("ddscore_jax")
+    if not logger.handlers:
+        logger.addHandler(_Stderr(logging.WARNING))
+        logger.propagate = False
+
+
+def _exit_interrupted(e: KeyboardInterrupt) -> None:
+    line, code = interrupts.exit_line(e)
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
     """Console entry point: the one place that turns exceptions into exit codes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _log_to_stderr()
+    interrupts.install()
     try:
         if os.environ.get("DDSCORE_JAX_DISTRIBUTED"):  # multi-host: join before any device use
             from ddscore_jax.extract import initialize_distributed
@@ -297,9 +349,16 @@ def main() -> None:
         # One line, no traceback: it is the user's file or option, not our bug.
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupts.Terminated)
+        _exit_interrupted(e)
+    except SystemExit as e:
+        # Typer turns an interrupt into a silent exit 130; find it to say what was kept.
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        _exit_interrupted(cause)
     except Exception as e:  # noqa: BLE001 - last resort: say it is ours, show the trace on request
         if os.environ.get("DDSCORE_JAX_DEBUG"):
             raise

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddscore_jax import data, model, ort_engine, pipeline
-from ddscore_jax.atomic import atomic_path
+from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import SCORE_BLOCKS, ResNetConfig
@@ -351,6 +351,7 @@ def extract_features(
             for b in out:
                 out[b][batch.start:batch.stop] = result[b][: batch.size]
         done = batch.stop
+        fault_point("extract:batch")
 
     inflight = None  # the previous batch, still computing while the next one is dispatched
     batches = pipeline.iter_batches(dataset, image_size, padded, start=done, rows=(lo, hi),
@@ -369,12 +370,19 @@ def extract_features(
             collect(*inflight)
             if progress:
                 progress(what, done, n)
-    except BaseException:
+    except BaseException as e:
         batches.close()  # stop the decode threads now, not when the generator is collected
+        if isinstance(e, InputError):
+            # A bad image: the data set's fingerprint changes once it is fixed, so rows saved
+            # under this one could never be resumed.
+            raise
         try:
             save_progress()
         except Exception:  # noqa: BLE001, S110 - the original error is the one worth reporting
             pass
+        if isinstance(e, KeyboardInterrupt) and partials is not None:
+            e.add_note(f"kept the features of {saved} of {n} images for {len(models)} model(s) "
+                       "in the cache; the next run resumes from there")
         raise
     return feats
 
