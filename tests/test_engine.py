@@ -9,7 +9,7 @@ import pytest
 from helpers import randomise_batchnorm, rel_err, write_image_folder
 
 from ddscore_jax import data, model, ort_engine
-from ddscore_jax.converters._common import imported
+from ddscore_jax.converters.state_dict import import_state_dict
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import LoadedModel, ZooForward, extract_features
 
@@ -35,7 +35,7 @@ def _source(library: str, arch: str, seed: int = 0):
         net = timm.create_model(arch, pretrained=False, num_classes=5)
     net = randomise_batchnorm(net)
     sd = {k: v.numpy() for k, v in net.state_dict().items() if v.is_floating_point()}
-    return net, imported(sd, arch)
+    return net, import_state_dict(sd, arch)[0]
 
 
 def _torch_outputs(net, images: np.ndarray) -> dict[str, np.ndarray]:
