@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ddscore_jax import __version__
+from ddscore_jax import __version__, interrupts
 from ddscore_jax.cli import trust
 from ddscore_jax.errors import InputError, environment_message, os_error_in_text
 
@@ -62,6 +62,9 @@ MetricOpt = Annotated[list[str], typer.Option(
 DtypeOpt = Annotated[str, typer.Option(
     help="Forward dtype: float32, or bfloat16 for accelerators (features change slightly; the "
          "score stays float64).")]
+EngineOpt = Annotated[str, typer.Option(
+    help="Forward engine: auto (onnxruntime for a float32 forward on CPU when installed, "
+         "else jax), jax, or onnxruntime (the [cpu] extra).")]
 WorkersOpt = Annotated[int | None, typer.Option(
     help="Image decode threads (default: one per core, at most 8); 0 decodes inline.", min=0)]
 
@@ -134,6 +137,23 @@ def _write_json(doc: object, dest: str | None) -> None:
     write_json_atomic(path, doc)
 
 
+def _refuse_clobber(dest: str | os.PathLike | None, *inputs: Path) -> None:
+    """Refuse, before any work, an output path that would overwrite one of the command's inputs:
+    an input itself, a file already inside an input folder (``ZOO/zoo.json``, an image, a feature
+    file), or anything inside a zoo's checkpoint folder."""
+    if dest is None or str(dest) == "-":
+        return
+    target = Path(dest).resolve()
+    for given in inputs:
+        folder = Path(given).resolve()
+        inside = folder in target.parents
+        if target == folder or (inside and target.exists()) or \
+                (folder / "zoo.json").is_file() and (folder / "checkpoints") in [
+                    target, *target.parents]:
+            raise InputError(f"{dest}: would overwrite an input of this command (in {given}); "
+                             "write the output elsewhere")
+
+
 def _print_ranking(ranking, title: str) -> None:
     metrics = ranking.settings["metrics"]
     caption = f"score precision: {ranking.settings['precision']}"
@@ -171,8 +191,14 @@ def convert(
     """Import ResNet v1 checkpoints into a model zoo, each on its own (exit 2 if any is refused)."""
     from ddscore_jax.convert import convert_sources
 
-    with _Bars() as bars:
-        result = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite, progress=bars)
+    try:
+        with _Bars() as bars:
+            result = convert_sources(sources, zoo_dir, name=name, overwrite=overwrite,
+                                     progress=bars)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "__notes__", None):  # stopped before the zoo was touched
+            e.add_note(f"nothing was added to {zoo_dir}")
+        raise
     for n in result.written:
         console.print(f"added [bold]{n}[/bold] to {zoo_dir}")
     for n in result.unchanged:
@@ -193,13 +219,17 @@ def extract(
     image_size: SizeOpt = 224,
     dtype: DtypeOpt = "float32",
     workers: WorkersOpt = None,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Write the conv4_x features of every zoo model on DATA to OUT/<model>.npz."""
-    from ddscore_jax import api
+    from ddscore_jax import api, zoo
 
+    for e in zoo.read(zoo_dir):
+        _refuse_clobber(out / f"{e.name}.npz", zoo_dir, data_root)
     with _Bars() as bars:
         written = api.extract(zoo_dir, data_root, out, batch_size=batch_size,
-                              image_size=image_size, dtype=dtype, workers=workers, progress=bars)
+                              image_size=image_size, dtype=dtype, workers=workers, engine=engine,
+                              progress=bars)
     for path in written:
         console.print(f"wrote {path}")
 
@@ -215,6 +245,7 @@ def score(
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
+    _refuse_clobber(json_out, feats)
     _check_json(json_out)
     with _Bars() as bars:
         ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
@@ -239,16 +270,18 @@ def rank(
     dtype: DtypeOpt = "float32",
     workers: WorkersOpt = None,
     metric: MetricOpt = ["ddscore"],  # noqa: B006 - Typer reads the default, never mutates it
+    engine: EngineOpt = "auto",
 ) -> None:
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
 
+    _refuse_clobber(json_out, zoo_dir, data_root, *([cache_dir] if cache_dir else []))
     _check_json(json_out)
     with _Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
                            use_cache=not no_cache, dtype=dtype, workers=workers,
-                           metrics=_split(metric), progress=bars)
+                           metrics=_split(metric), engine=engine, progress=bars)
     if ranking.cached:
         console.print(f"reused cached features of {len(ranking.cached)} model(s)")
     _print_ranking(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "
@@ -264,6 +297,7 @@ def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
     _check_json(json_out)
     from ddscore_jax import zoo
 
+    _refuse_clobber(json_out, zoo_dir)
     entries = zoo.read(zoo_dir)
     table = Table(title=f"{zoo_dir}: {len(entries)} model(s)")
     for col in ("name", "arch", "source", "format", "sha256"):
@@ -317,6 +351,27 @@ def _exit(code: int) -> NoReturn:
     sys.exit(code)
 
 
+class _Stderr(logging.Handler):
+    """The library's warnings (a recomputed cache entry, a wait for a lock), one line each, on
+    whatever ``sys.stderr`` is at the time (rich redirects it above its progress bars)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("ddscore_jax")
+    if not logger.handlers:
+        logger.addHandler(_Stderr(logging.WARNING))
+        logger.propagate = False
+
+
+def _exit_interrupted(e: KeyboardInterrupt) -> None:
+    line, code = interrupts.exit_line(e)
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
     """Console entry point: the one place that turns exceptions into exit codes.
 
@@ -326,6 +381,8 @@ def main() -> None:
     they had half-written before the error reaches here.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _log_to_stderr()
+    interrupts.install()
     if not os.environ.get("DDSCORE_JAX_DEBUG"):
         # A failed Orbax save also surfaces in its own threads and callbacks: logged tracebacks,
         # "Event loop is closed" printed by tensorstore through sys.excepthook. The error reaches
@@ -354,9 +411,16 @@ def main() -> None:
         if found is None:
             _internal(e)
         _fail(environment_message(found))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupts.Terminated)
+        _exit_interrupted(e)
+    except SystemExit as e:
+        # Typer turns an interrupt into a silent exit 130; find it to say what was kept.
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        _exit_interrupted(cause)
     except Exception as e:  # noqa: BLE001 - last resort: say it is ours, show the trace on request
         _internal(e)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ddscore_jax import cache, data, zoo
+from ddscore_jax import cache, data, interrupts, zoo
 from ddscore_jax.errors import InputError, readable
 from ddscore_jax.extract import (
     LoadedModel,
@@ -138,7 +139,8 @@ def _warn_if_all_tie(ranked: list[ModelScore], n_images: int) -> None:
 
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
             batch_size: int = 32, image_size: int = 224, dtype: str = "float32",
-            workers: int | None = None, progress: Progress | None = None) -> list[Path]:
+            workers: int | None = None, progress: Progress | None = None,
+            engine: str = "auto") -> list[Path]:
     """Write ``out/<model>.npz`` (docs/interface.md) for every zoo model; return the files."""
     _check_options(0.8, image_size)
     _output_folder(out)
@@ -146,7 +148,7 @@ def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str |
     _, models = load_zoo(zoo_dir)
     cache.enable_compilation_cache()
     feats = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
-                             dtype=dtype, workers=workers, progress=progress)
+                             dtype=dtype, workers=workers, progress=progress, engine=engine)
     written = []
     for m, f in zip(models, feats, strict=True):
         path = Path(out) / f"{m.name}.npz"
@@ -226,11 +228,13 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          batch_size: int = 32, image_size: int = 224, train_fraction: float = 0.8, seed: int = 0,
          cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
          precision: str | None = None, dtype: str = "float32", workers: int | None = None,
-         metrics: Sequence[str] = ("ddscore",), progress: Progress | None = None) -> Ranking:
+         metrics: Sequence[str] = ("ddscore",), progress: Progress | None = None,
+         engine: str = "auto") -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them by
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
     _check_options(train_fraction, image_size, seed)
     metrics = check_metrics(metrics)
+    interrupts.kept("nothing new was saved" + ("" if use_cache else " (--no-cache)"))
     cache.enable_compilation_cache()  # the forward and the score compile once per machine
     dataset = data.scan(data_root)
     _check_subset(dataset.labels, dataset.classes, train_fraction, seed, str(data_root))
@@ -244,51 +248,70 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     want_head = any(METRICS[m].needs_head for m in metrics)
     features: dict[str, dict[str, np.ndarray]] = {}
     head_probs: dict[str, np.ndarray | None] = {}
-    jobs: list[tuple[zoo.ZooEntry, Path, int, str | None]] = []  # (entry, cache path, blocks, head)
     cached = []
-    for e in entries:
-        path = cache.entry_path(cache_dir, e.sha256, fingerprint, image_size, dtype)
-        blocks, head = len(SCORE_BLOCKS), None
-        if use_cache and path.is_file():
-            try:
-                features[e.name] = load_features(path).features
-                blocks = 0
+
+    def plan(e: zoo.ZooEntry, entry: cache.Entry | None, quiet: bool) -> tuple[int, str | None]:
+        # What is left to compute for model ``e``: (number of blocks, head). A damaged, tampered
+        # or misplaced feature entry is reported (stderr, once) and recomputed.
+        if entry is not None and e.name not in features:
+            f = entry.load(e.name, n, SCORE_BLOCKS, quiet=quiet)
+            if f is not None:
+                features[e.name] = f
                 cached.append(e.name)
-            except InputError:
-                pass  # a damaged entry is recomputed and overwritten
+        blocks, head = (0 if e.name in features else len(SCORE_BLOCKS)), None
         if want_head and e.config.num_classes:
-            probs = (cache.load_probabilities(cache.probabilities_path(path), n)
-                     if use_cache else None)
-            if probs is None:
+            if head_probs.get(e.name) is None and entry is not None:
+                head_probs[e.name] = cache.load_probabilities(
+                    cache.probabilities_path(entry.path), n)
+            if head_probs.get(e.name) is None:
                 head = "probabilities"
-            head_probs[e.name] = probs
         else:
             head_probs[e.name] = None
-        if blocks or head:
-            jobs.append((e, path, blocks, head))
-    if jobs:
-        models = [LoadedModel(e.name, e.config, zoo.load_state_dict(zoo_dir, e), blocks, head)
-                  for e, _, blocks, head in jobs]
-        # Finished batches are kept beside each entry, so an interrupted rank resumes; a job for
-        # the probabilities alone keeps them beside the probabilities' entry.
-        partials = ([cache.PartialFeatures(cache.partial_path(
-                        path if blocks else cache.probabilities_path(path)))
-                     for _, path, blocks, _ in jobs] if use_cache else None)
-        fresh = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
-                                 dtype=dtype, workers=workers, partials=partials,
-                                 progress=progress)
-        for (e, path, blocks, head), out, part in zip(jobs, fresh, partials or [None] * len(jobs),
-                                                      strict=True):
-            if blocks:
-                features[e.name] = {b: out[b] for b in SCORE_BLOCKS}
-                if use_cache:
-                    save_features(path, features[e.name], dataset)
-            if head:
-                head_probs[e.name] = out[head]
-                if use_cache:
-                    cache.save_probabilities(cache.probabilities_path(path), out[head])
-            if part is not None:
-                part.clear()
+        return blocks, head
+
+    if use_cache:
+        cache.sweep(cache_dir)
+    jobs = [(e, entry, *plan(e, entry, False)) for e, entry in (
+        (e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size, dtype)
+         if use_cache else None) for e in entries)]
+    jobs = [j for j in jobs if j[2] or j[3]]
+    # One writer per entry: another rank extracting the same models finishes first, then we
+    # read what it wrote.
+    with cache.Entry.writing([j[1] for j in jobs]) if jobs and use_cache else nullcontext():
+        if use_cache:
+            jobs = [(e, entry, *plan(e, entry, True)) for e, entry, _, _ in jobs]
+            jobs = [j for j in jobs if j[2] or j[3]]
+        if jobs:
+            models = [LoadedModel(e.name, e.config, zoo.load_state_dict(zoo_dir, e), blocks,
+                                  head) for e, _, blocks, head in jobs]
+            # Finished batches are kept beside each entry, so an interrupted rank resumes; a job
+            # for the probabilities alone keeps them beside the probabilities' entry.
+            partials = ([entry.partial if blocks else cache.PartialFeatures(
+                            cache.partial_path(cache.probabilities_path(entry.path)))
+                         for _, entry, blocks, _ in jobs] if use_cache else None)
+            fresh = extract_features(models, dataset, batch_size=batch_size,
+                                     image_size=image_size, dtype=dtype, workers=workers,
+                                     partials=partials, progress=progress,
+                                     engine=engine)
+            # A few small writes: an interrupt waits for them, so each model's rows end up
+            # either whole in the cache or still resumable beside it.
+            with interrupts.deferred("the features being saved to the cache"):
+                for (e, entry, blocks, head), out, part in zip(
+                        jobs, fresh, partials or [None] * len(jobs), strict=True):
+                    if blocks:
+                        features[e.name] = {b: out[b] for b in SCORE_BLOCKS}
+                        if use_cache:
+                            entry.save(features[e.name], dataset)
+                    if head:
+                        head_probs[e.name] = out[head]
+                        if use_cache:
+                            cache.save_probabilities(cache.probabilities_path(entry.path),
+                                                     out[head])
+                    if part is not None:
+                        part.clear()
+    if use_cache:
+        interrupts.kept(f"the features of all {len(entries)} model(s) are in the cache; the next "
+                        "run only scores")
     precision = precision or precision_for()
     ordered = {e.name: features[e.name] for e in entries}
     refused = _finite_only(ordered, str(data_root))

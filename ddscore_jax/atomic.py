@@ -1,26 +1,66 @@
-"""Outputs appear whole or not at all (docs/interface.md): write beside the target, then rename
-over it."""
+"""Outputs appear whole or not at all (docs/interface.md): write beside the target, flush it
+to disk, then rename over it.
+
+Also the fault-injection hook the crash tests use: :func:`fault_point` marks a step of a multi-file
+update; with ``DDSCORE_JAX_FAULT=<step>`` in the environment the process signals itself there
+(``SIGKILL`` by default), so a test can stop a real command at any step. Without the variable it
+does nothing.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import tempfile
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask, without changing it where the kernel reports it (Linux >= 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only way is to set it and put it back; this runs once, at import, which
+    # Python serialises, so no thread sees the momentary 0.
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+_UMASK = _read_umask()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or creation in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; when the block succeeds it replaces ``path``,
-    when it fails it is removed. The file gets the permissions a plain ``open`` would give it
-    (``mkstemp`` would leave it readable by its owner only)."""
+def atomic_path(path: str | os.PathLike, *, step: str = "file") -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; when the block succeeds it is flushed to disk
+    and replaces ``path``, when it fails it is removed. The file gets the permissions a plain
+    ``open`` would give it (``mkstemp`` would leave it readable by its owner only).
+
+    ``step`` names the fault points ``<step>:written`` (temporary complete, not yet renamed) and
+    ``<step>:replaced`` (renamed, folder not yet synced).
+    """
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,10 +70,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        fault_point(f"{step}:written")
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename in (None, tmp):
             e.filename = str(path)  # name the file the user asked for, not our temporary
         raise
+    fault_point(f"{step}:replaced")
+    fsync_dir(path.parent)
+
+
+_FAULT = re.compile(r"^(?P<step>[\w.:-]+?)(?:@(?P<nth>\d+))?(?:=(?P<sig>[A-Z]+))?$")
+_fault_counts: Counter[str] = Counter()
+_fault_lock = threading.Lock()
+
+
+def fault_point(step: str) -> None:
+    """Test hook: signal this process at ``step`` when ``DDSCORE_JAX_FAULT`` names it.
+
+    ``DDSCORE_JAX_FAULT=<step>[@<n>][=<SIGNAL>][,...]``: at the n-th time (default: first) the
+    step is reached, send the signal (default KILL; TERM and INT test the graceful paths). Several
+    comma-separated faults chain, e.g. a TERM whose cleanup is then killed halfway.
+    """
+    spec = os.environ.get("DDSCORE_JAX_FAULT")
+    if not spec:
+        return
+    for part in spec.split(","):
+        m = _FAULT.match(part.strip())
+        if not m or m["step"] != step:
+            continue
+        with _fault_lock:
+            _fault_counts[step] += 1
+            count = _fault_counts[step]
+        if count == int(m["nth"] or 1):
+            os.kill(os.getpid(), getattr(signal, f"SIG{m['sig'] or 'KILL'}"))
+        return

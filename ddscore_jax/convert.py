@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from ddscore_jax.converters.files import HUB_CONFIG, checkpoint_suffix, model_fo
 from ddscore_jax.errors import InputError
 from ddscore_jax.extract import Progress
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # In a folder of checkpoints a bare ".tar" is more often a data archive than a checkpoint.
 _FOLDER_SKIPS = (".tar",)
 
@@ -109,6 +107,12 @@ def convert_sources(sources: Sequence[str | os.PathLike], zoo_dir: str | os.Path
                 result.unchanged.append(model_name)
         except InputError as e:
             result.refused.append(" ".join(str(e).split()))
+        except KeyboardInterrupt as e:
+            # Each model is added whole: say which ones made it before the interrupt.
+            if result.written and not getattr(e, "__notes__", None):
+                e.add_note(f"added to {zoo_dir} before the interrupt: "
+                           f"{', '.join(result.written)}; the rest was not")
+            raise
         if progress:
             progress("converting checkpoints", i + 1, len(paths))
     return result
@@ -118,9 +122,8 @@ def _convert_one(path: Path, model_name: str, zoo_dir: str | os.PathLike, overwr
                  known: dict[str, str]) -> list[str]:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if not _NAME.match(model_name):
-        raise InputError(f"{path}: {model_name!r} is not a usable model name "
-                         "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
+    if not zoo.NAME.match(model_name):
+        raise InputError(f"{path}: {model_name!r} is not a usable model name ({zoo.NAME_RULE})")
     sha256 = source_sha256(path)
     if known.get(model_name) == sha256:
         return []  # the same bytes under the same name: already in the zoo, nothing to read

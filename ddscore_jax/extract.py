@@ -44,8 +44,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddscore_jax import data, model, pipeline
-from ddscore_jax.atomic import atomic_path
+from ddscore_jax import data, model, ort_engine, pipeline
+from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import SCORE_BLOCKS, ResNetConfig
@@ -147,8 +147,8 @@ def _forward_stacked(stacked, images, config: ResNetConfig, blocks: int, head: s
     return jax.vmap(lambda s: _outputs(config, s, x, blocks, head))(stacked)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
+def _to_host(x: jax.Array | np.ndarray) -> np.ndarray:
+    if isinstance(x, np.ndarray) or x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils
 
@@ -160,23 +160,30 @@ class ZooForward:
     with the same folded configuration and outputs.
 
     ``dtype="bfloat16"`` casts parameters and images for the forward (for accelerators; on CPU it
-    is emulated and slower); outputs come back float32 either way.
+    is emulated and slower); outputs come back float32 either way. ``engine="onnxruntime"``
+    (or "auto", see :func:`extract_features`) runs the same folded networks in onnxruntime on
+    this host's CPU instead (``strategy``, ``mesh`` and the groups then play no part).
     """
 
     def __init__(self, models: Sequence[LoadedModel], strategy: str | None = None, *,
-                 dtype: str = "float32", mesh: Mesh | None = None):
+                 dtype: str = "float32", mesh: Mesh | None = None, engine: str = "jax"):
         if dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.models = list(models)
         self.strategy = strategy or default_strategy()
         self.dtype = dtype
         self.mesh = mesh or batch_mesh()
+        # The optional CPU engine (ddscore_jax.ort_engine): one onnxruntime session per model,
+        # run on this host when dispatched; the JAX state below is then never built.
+        self.engine = ort_engine.resolve(engine, jax.default_backend(), dtype, self.mesh.size)
+        self.ort = [ort_engine.OrtModel(m.config, m.state_dict, m.blocks, m.head)
+                    for m in self.models] if self.engine == "onnxruntime" else None
         self.data_sharding = NamedSharding(self.mesh, P("batch"))
         replicated = NamedSharding(self.mesh, P())
         # group key: (folded config, blocks, head) -> model indices
         self.groups: dict[tuple[ResNetConfig, int, str | None], list[int]] = {}
         states = []
-        for i, m in enumerate(self.models):
+        for i, m in enumerate(self.models if self.ort is None else ()):
             # Features alone never need layer4 or fc: cut them before they reach the device.
             config, state = model.inference(m.config, m.state_dict, backbone=m.head is None)
             # Cast once here rather than per batch: bfloat16 parameters also halve their memory.
@@ -217,6 +224,8 @@ class ZooForward:
         are (len(indices), padded, width) for a vmapped group, (padded, width) for one model.
         :meth:`fetch` brings them to the host.
         """
+        if self.ort is not None:  # synchronous; onnxruntime releases the GIL for decode threads
+            return [([i], m(local_images)) for i, m in enumerate(self.ort)]
         x = jax.make_array_from_process_local_data(
             self.data_sharding, local_images, (padded, *local_images.shape[1:]))
         calls = []
@@ -285,6 +294,7 @@ def extract_features(
     save_every: float = SAVE_EVERY,
     mesh: Mesh | None = None,
     strategy: str | None = None,
+    engine: str = "auto",
 ) -> list[dict[str, np.ndarray]]:
     """What every model asks for (:class:`LoadedModel`) on every image, from one decode pass:
     per model ``{output: (n, width) float32}`` (``"layer3.i"``: (n, d); ``"probabilities"`` or
@@ -294,6 +304,8 @@ def extract_features(
     per model, makes the extraction resumable: rows already saved there are loaded, not
     recomputed, and new rows are saved every ``save_every`` seconds and on any interruption
     (KeyboardInterrupt included). The caller clears them once the final features are stored.
+    ``engine``: "jax", "onnxruntime" (CPU, :mod:`ddscore_jax.ort_engine`) or "auto" (onnxruntime
+    for a float32 forward on a one-device CPU mesh when it is installed, else jax).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -302,7 +314,7 @@ def extract_features(
     if partials is not None and len(partials) != len(models):
         raise ValueError(f"{len(partials)} partials for {len(models)} models")
     n = len(dataset)
-    forward = ZooForward(models, strategy=strategy, dtype=dtype, mesh=mesh)
+    forward = ZooForward(models, strategy=strategy, dtype=dtype, mesh=mesh, engine=engine)
     padded = forward.padded_batch(batch_size)
     lo, hi = forward.local_rows(padded)
     outputs = [list(m.outputs()) for m in models]
@@ -339,6 +351,7 @@ def extract_features(
             for b in out:
                 out[b][batch.start:batch.stop] = result[b][: batch.size]
         done = batch.stop
+        fault_point("extract:batch")
 
     inflight = None  # the previous batch, still computing while the next one is dispatched
     batches = pipeline.iter_batches(dataset, image_size, padded, start=done, rows=(lo, hi),
@@ -357,12 +370,19 @@ def extract_features(
             collect(*inflight)
             if progress:
                 progress(what, done, n)
-    except BaseException:
+    except BaseException as e:
         batches.close()  # stop the decode threads now, not when the generator is collected
+        if isinstance(e, InputError):
+            # A bad image: the data set's fingerprint changes once it is fixed, so rows saved
+            # under this one could never be resumed.
+            raise
         try:
             save_progress()
         except Exception:  # noqa: BLE001, S110 - the original error is the one worth reporting
             pass
+        if isinstance(e, KeyboardInterrupt) and partials is not None:
+            e.add_note(f"kept the features of {saved} of {n} images for {len(models)} model(s) "
+                       "in the cache; the next run resumes from there")
         raise
     return feats
 

@@ -11,16 +11,22 @@ A zoo of the first format (``zoo.json`` without ``format``: BatchNorm folded int
 folder; it is not migrated, since its checkpoints no longer hold the BatchNorm parameters the new
 format keeps (fine-tuning would silently lose them).
 
-Adding models is all-or-nothing: checkpoints are written under temporary names, renamed into
-place, and ``zoo.json`` is replaced atomically last; on any failure the zoo is left exactly as it
-was.
+Writing (:func:`add`) is one writer at a time (``lock.exclusive`` on ``.ddscore-jax.lock``) and
+all-or-nothing at every instant, ``kill -9`` included: each new checkpoint is saved under a
+temporary name and renamed to a folder no ``zoo.json`` names yet, then ``zoo.json`` is replaced
+atomically (the commit point), and only then are the checkpoints it stopped naming removed. A
+crash leaves the old ``zoo.json`` with its checkpoints intact, or the new one with its own; what it
+leaves besides is swept by the next writer, which holds the lock and so knows no one else is
+writing. ``zoo.json`` is re-read under the lock, so two ``convert`` at once both land.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -29,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
-from ddscore_jax import model
-from ddscore_jax.atomic import atomic_path
+from ddscore_jax import interrupts, lock, model
+from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ResNetConfig
@@ -38,6 +44,13 @@ from ddscore_jax.model import ResNetConfig
 ZOO_FILE = "zoo.json"
 CHECKPOINTS = "checkpoints"
 FORMAT = 2  # 1 (no "format" key): BatchNorm folded, ResNet18/34 only
+LOCK_FILE = ".ddscore-jax.lock"
+# A model name is also a file name (``checkpoints/<name>``, ``extract``'s ``<name>.npz``): no
+# separators, no leading '.' or '-'. Checked when written, and again when read (zoo.json is
+# editable by hand).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_RULE = "letters, digits, '.', '_', '-'; not starting with '.' or '-'"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,9 +102,21 @@ def read(zoo: str | os.PathLike, *, allow_missing: bool = False) -> list[ZooEntr
         raise InputError(f"{path}: not a valid zoo.json (format {fmt!r}, this ddscore-jax "
                          f"reads format {FORMAT})")
     try:
-        return [ZooEntry.from_json(m) for m in doc["models"]]
+        entries = [ZooEntry.from_json(m) for m in doc["models"]]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a valid zoo.json ({e})") from None
+    seen = set()
+    for e in entries:
+        if not isinstance(e.name, str) or not NAME.match(e.name):
+            raise InputError(f"{path}: {e.name!r} is not a usable model name ({NAME_RULE})")
+        if e.name in seen:
+            raise InputError(f"{path}: the name {e.name!r} appears twice")
+        seen.add(e.name)
+        ckpt = e.checkpoint if isinstance(e.checkpoint, str) else ""
+        if not ckpt or os.path.isabs(ckpt) or ".." in Path(ckpt).parts:
+            raise InputError(f"{path}: checkpoint {e.checkpoint!r} of model {e.name!r} must be a "
+                             "path inside the zoo folder")
+    return entries
 
 
 def _rebuild_command(zoo: str | os.PathLike, models: list) -> str:
@@ -109,9 +134,9 @@ def read_nonempty(zoo: str | os.PathLike) -> list[ZooEntry]:
     return entries
 
 
-def write_json_atomic(path: Path, doc: object) -> None:
+def write_json_atomic(path: Path, doc: object, *, step: str = "json") -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path, step=step) as tmp, open(tmp, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
 
@@ -125,6 +150,10 @@ def _checkpointer():
 def _restore(zoo: str | os.PathLike, entry: ZooEntry) -> dict:
     path = (Path(zoo) / entry.checkpoint).resolve()  # Orbax wants absolute paths
     if not path.is_dir():
+        if entry not in read(zoo, allow_missing=True):
+            # A writer replaced the model and removed its old checkpoint after we read zoo.json.
+            raise InputError(f"{Path(zoo) / ZOO_FILE}: model {entry.name!r} was replaced while "
+                             "this command ran; run it again")
         raise InputError(f"{path}: checkpoint of model {entry.name!r} is missing")
     try:
         return _checkpointer().restore(path)
@@ -164,14 +193,42 @@ def add(zoo: str | os.PathLike, additions: list[Addition], *, overwrite: bool = 
     """Add models to the zoo, all or nothing. Returns the names written (unchanged ones skipped).
 
     The same source file under the same name is a no-op (converting twice is idempotent); another
-    model under an existing name is an InputError unless ``overwrite``.
+    model under an existing name is an InputError unless ``overwrite``. Models that other processes
+    add meanwhile are kept: ``zoo.json`` is read, merged and written under the zoo's lock.
     """
     zoo = Path(zoo).resolve()
-    entries = {e.name: e for e in read(zoo, allow_missing=True)}
     names = [a.name for a in additions]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InputError(f"{zoo}: several sources would get the name {dupes[0]!r}")
+    try:
+        zoo.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{zoo}: not a folder") from None
+    with lock.exclusive(zoo / LOCK_FILE, f"zoo {zoo}"):
+        _sweep(zoo)
+        try:
+            written = _add_locked(zoo, read(zoo, allow_missing=True), additions, overwrite)
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                e.add_note(f"nothing was added to {zoo}")
+            _sweep(zoo, quiet=True)  # our own temporaries, right away
+            raise
+        # Committed. The obsolete checkpoints go now; a crash before this ends leaves them, and
+        # the journal naming them, to the next sweep.
+        _sweep(zoo, quiet=True)
+        return written
+
+
+# Written before the first checkpoint is placed, removed once the update is complete: the folders
+# an update creates or makes obsolete, so a sweep removes exactly those zoo.json does not name.
+PENDING = ".ddscore-jax.pending"
+_TEMPORARY = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9._-]*\.[0-9a-f]{8}\.(tmp|old)")
+
+
+def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
+                overwrite: bool) -> list[str]:
+    entries = {e.name: e for e in current}
     todo = []
     for a in additions:
         old = entries.get(a.name)
@@ -184,41 +241,75 @@ def add(zoo: str | os.PathLike, additions: list[Addition], *, overwrite: bool = 
     if not todo:
         return []
 
-    (zoo / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    folder = zoo / CHECKPOINTS
+    folder.mkdir(exist_ok=True)
     token = uuid.uuid4().hex[:8]
-    staged: list[tuple[Path, Path]] = []  # (temporary, final)
-    placed: list[Path] = []  # finals renamed into place
-    replaced: list[tuple[Path, Path]] = []  # (final, moved-aside copy of the old one)
-    try:
-        ckpt = _checkpointer()
-        for a in todo:
-            tmp = zoo / CHECKPOINTS / f".{a.name}.{token}.tmp"
-            tree = traverse_util.unflatten_dict(
-                {k: np.asarray(v, np.float32) for k, v in a.model.state_dict.items()}, sep=".")
+    # Final folders no zoo.json has named: until the commit, the old zoo.json and its checkpoints
+    # stay intact. The plain name when it is free, else one with the update's token.
+    finals = {}
+    for a in todo:
+        taken = (folder / a.name).exists() or any(e.checkpoint == f"{CHECKPOINTS}/{a.name}"
+                                                  for e in current)
+        finals[a.name] = folder / (f"{a.name}~{token}" if taken else a.name)
+    obsolete = [entries[a.name].checkpoint for a in todo if a.name in entries]
+    write_json_atomic(zoo / PENDING, {
+        "placed": [f"{CHECKPOINTS}/{f.name}" for f in finals.values()], "obsolete": obsolete},
+        step="pending")
+    ckpt = _checkpointer()
+    for a in todo:
+        tmp = folder / f".{a.name}.{token}.tmp"
+        tree = traverse_util.unflatten_dict(
+            {k: np.asarray(v, np.float32) for k, v in a.model.state_dict.items()}, sep=".")
+        # Orbax finishes in background threads: a Ctrl-C waits for them rather than leave them
+        # writing while the interpreter shuts down.
+        with interrupts.deferred("the checkpoint being written"):
             ckpt.save(tmp, tree)
+            fault_point("convert:saving")
             ckpt.wait_until_finished()
-            staged.append((tmp, zoo / CHECKPOINTS / a.name))
-        for tmp, final in staged:
-            if final.exists():
-                aside = final.with_name(f".{final.name}.{token}.old")
-                final.rename(aside)
-                replaced.append((final, aside))
-            tmp.rename(final)
-            placed.append(final)
-        for a in todo:
-            entries[a.name] = ZooEntry(a.name, a.model.arch, a.model.config,
-                                       os.path.relpath(a.source, zoo), a.source_format,
-                                       a.sha256, f"{CHECKPOINTS}/{a.name}")
+        fault_point("convert:saved")
+        tmp.rename(finals[a.name])
+        fault_point("convert:placed")
+    for a in todo:
+        entries[a.name] = ZooEntry(a.name, a.model.arch, a.model.config,
+                                   os.path.relpath(a.source, zoo), a.source_format, a.sha256,
+                                   f"{CHECKPOINTS}/{finals[a.name].name}")
+    # The commit point; an interrupt waits for it so that "nothing was added" stays true.
+    with interrupts.deferred("zoo.json being written"):
         write_json_atomic(zoo / ZOO_FILE, {"format": FORMAT,
-                                           "models": [e.to_json() for e in entries.values()]})
-    except BaseException:
-        for tmp, _ in staged:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for final in placed:
-            shutil.rmtree(final, ignore_errors=True)
-        for final, aside in replaced:
-            aside.rename(final)
-        raise
-    for _, aside in replaced:
-        shutil.rmtree(aside, ignore_errors=True)
+                                           "models": [e.to_json() for e in entries.values()]},
+                          step="zoo.json")
     return [a.name for a in todo]
+
+
+def _sweep(zoo: Path, *, quiet: bool = False) -> None:
+    """Remove what interrupted writers left in the zoo: temporaries, and the folders the journal
+    names that ``zoo.json`` does not. Call with the zoo's lock held: no live writer exists then,
+    so all of it is stale."""
+    removed = []
+    folder = zoo / CHECKPOINTS
+    pending = zoo / PENDING
+    if pending.is_file():
+        try:
+            journal = json.loads(pending.read_text())
+            listed = [*journal["placed"], *journal["obsolete"]]
+        except (ValueError, KeyError, TypeError):
+            listed = []  # a torn journal cannot exist (written atomically); nothing to trust
+        referenced = {e.checkpoint for e in read(zoo, allow_missing=True)}
+        for rel in listed:
+            p = zoo / rel
+            if rel not in referenced and p.parent == folder and p.is_dir():
+                shutil.rmtree(p)
+                removed.append(p.name)
+        pending.unlink()
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if _TEMPORARY.match(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p.name)
+    for pattern in (f".{ZOO_FILE}.*.tmp", f".{PENDING}.*.tmp"):
+        for p in zoo.glob(pattern):
+            p.unlink()
+            removed.append(p.name)
+    if removed and not quiet:
+        log.warning("%s: removed %d leftover(s) of an interrupted convert (%s)", zoo,
+                    len(removed), ", ".join(sorted(removed)[:3]) + (", ..." if len(removed) > 3
+                                                                   else ""))

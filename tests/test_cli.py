@@ -108,7 +108,11 @@ def test_convert_is_idempotent_and_names_clash(workspace, tmp_path):
     assert replaced.returncode == 0, replaced.stderr
     models = json.loads((zoo / "zoo.json").read_text())["models"]
     assert [(m["name"], m["arch"]) for m in models] == [("r18_a", "resnet34")]
-    assert sorted(p.name for p in (zoo / "checkpoints").iterdir()) == ["r18_a"]
+    # The new checkpoint went to a folder the old zoo.json did not name (a crash before the
+    # commit leaves the old model whole); the old folder is gone.
+    assert [p.name for p in (zoo / "checkpoints").iterdir()] == [
+        models[0]["checkpoint"].split("/")[1]]
+    assert models[0]["checkpoint"].startswith("checkpoints/r18_a~")
 
     many = cli("convert", ckpts, "--zoo", zoo, "--name", "x")
     assert many.returncode == 2 and "exactly one" in error_line(many)
@@ -213,14 +217,19 @@ def _bad_data(kind, root):
 def test_bad_data(workspace, tmp_path, kind, message, command):
     _, _, _, zoo = workspace
     data = _bad_data(kind, tmp_path)
-    out = tmp_path / "out"
-    args = ["--json", out / "r.json"] if command == "rank" else ["--out", out]
-    result = cli(command, zoo, data, "--image-size", SIZE, *args)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = (["--json", out / "r.json", "--cache-dir", cache] if command == "rank"
+            else ["--out", out])
+    # Batches of 2: the corrupt image comes after three finished batches.
+    result = cli(command, zoo, data, "--image-size", SIZE, "--batch-size", "2", *args)
     assert result.returncode == 2, result.stderr
     line = error_line(result)
     assert line.startswith("error: ") and message in line, line
     assert "Traceback" not in result.stderr
     assert not out.exists() or not any(out.iterdir())  # no partial output
+    # Nor in the cache: no entry, no temporary, and no unfinished rows (*.partial), which could
+    # never be resumed (fixing the image changes the data set's fingerprint).
+    assert not cache.exists() or [p.name for p in cache.iterdir() if p.name != ".locks"] == []
 
 
 def test_empty_or_missing_zoo(workspace, tmp_path):

@@ -163,9 +163,11 @@ def test_memory_is_bounded_by_the_prefetch_depth_not_the_data_set(tmp_path, monk
 # ---------------------------------------------------------------- forward
 
 
-def test_features_match_the_forward_on_the_reference_batch(dataset):
+@pytest.mark.parametrize("engine", ["jax", "onnxruntime"])
+def test_features_match_the_forward_on_the_reference_batch(dataset, engine):
     models = random_models(2)
-    feats = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2)
+    feats = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2,
+                             engine=engine)
     images = data.load_batch(dataset, range(len(dataset)), SIZE)
     for m, f in zip(models, feats, strict=True):
         # The module as trained, BatchNorm unfolded, eval mode: the engine's folded forward must
@@ -186,7 +188,8 @@ SMALL_BOTTLENECK = model.ResNetConfig("bottleneck", (1, 1, 2, 1), groups=4, base
 SMALL_BASIC = model.ResNetConfig("basic", (1, 1, 2, 1), num_classes=3)
 
 
-def test_one_pass_serves_features_and_probabilities_of_a_mixed_zoo(dataset, monkeypatch):
+@pytest.mark.parametrize("engine", ["jax", "onnxruntime"])
+def test_one_pass_serves_features_and_probabilities_of_a_mixed_zoo(dataset, monkeypatch, engine):
     decoded = []
     real = data.load_image
     monkeypatch.setattr(data, "load_image", lambda p, s: decoded.append(p) or real(p, s))
@@ -197,7 +200,8 @@ def test_one_pass_serves_features_and_probabilities_of_a_mixed_zoo(dataset, monk
               LoadedModel("bottleneck+head", SMALL_BOTTLENECK, sd_bottle, head="probabilities"),
               LoadedModel("bottleneck logits", SMALL_BOTTLENECK, sd_bottle, blocks=0,
                           head="logits")]
-    out = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2)
+    out = extract_features(models, dataset, batch_size=4, image_size=SIZE, workers=2,
+                           engine=engine)
     # Every image decoded once, for all four jobs together.
     assert sorted(decoded) == sorted(dataset.root / p for p in dataset.paths)
     n = len(dataset)
@@ -260,11 +264,12 @@ def test_a_second_rank_with_leep_decodes_nothing(tmp_path, monkeypatch):
 def test_the_ragged_last_batch_does_not_recompile(tmp_path):
     models = random_models(1)
     extract_features(models, data.scan(write_mixed_folder(tmp_path / "d0", per_class=2)),
-                     batch_size=4, image_size=SIZE, workers=1)
+                     batch_size=4, image_size=SIZE, workers=1, engine="jax")
     compiled = _forward_one._cache_size()
     for i, per_class in enumerate((3, 5, 6)):  # 6, 10, 12 images: ragged and whole last batches
         ds = data.scan(write_mixed_folder(tmp_path / f"d{i + 1}", per_class=per_class))
-        feats = extract_features(models, ds, batch_size=4, image_size=SIZE, workers=1)
+        feats = extract_features(models, ds, batch_size=4, image_size=SIZE, workers=1,
+                                 engine="jax")
         assert feats[0]["layer3.0"].shape[0] == len(ds)
     assert _forward_one._cache_size() == compiled
 
@@ -394,8 +399,8 @@ def test_two_hosts_give_the_features_of_one(tmp_path):
 
 def test_one_device_mesh_is_the_default_path(dataset):
     models = random_models(1)
-    a = extract_features(models, dataset, batch_size=4, image_size=SIZE)
-    b = extract_features(models, dataset, batch_size=4, image_size=SIZE,
+    a = extract_features(models, dataset, batch_size=4, image_size=SIZE, engine="jax")
+    b = extract_features(models, dataset, batch_size=4, image_size=SIZE, engine="jax",
                          mesh=batch_mesh(jax.devices()[:1]))
     np.testing.assert_array_equal(a[0]["layer3.1"], b[0]["layer3.1"])
 
@@ -483,7 +488,8 @@ def test_a_second_command_compiles_nothing(tmp_path):
         # --no-cache: the features are recomputed, so the forward really runs both times.
         r = subprocess.run([sys.executable, "-c", _COUNT_COMPILES, "rank", str(zoo_dir),
                             str(data_dir), "--image-size", str(SIZE), "--batch-size", "4",
-                            "--no-cache"], env=env, capture_output=True, text=True, timeout=600)
+                            "--no-cache", "--engine", "jax"],  # the forward compiles too
+                           env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stderr.strip().splitlines()[-1])
 
