@@ -308,8 +308,7 @@ def test_convert_into_read_only_zoo_exits_promptly(zoo, tmp_path, mounts):
     # Orbax's signalling threads used to hold the exit for minutes after the error.
     r = _cli("convert", zoo / "m.pth", "--name", "other", "--zoo", ro, timeout=120)
     assert r.returncode == 2
-    assert error_line(r) == f"error: {ro}/checkpoints: read-only file system (choose a writable " \
-                            "location)"
+    assert error_line(r).startswith(f"error: {ro}") and "read-only" in error_line(r).lower()
     assert _error_lines(r) == 1 and "Traceback" not in r.stderr
 
 
