@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,9 +84,10 @@ def write_image_folder(root: Path, per_class: int | dict[str, int] = 4, classes=
 
 
 def cli(*args: str | os.PathLike, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    """Run the installed ``ddscore-jax`` command in a subprocess, as a user would."""
-    exe = shutil.which("ddscore-jax")
-    cmd = [exe] if exe else [sys.executable, "-m", "ddscore_jax.cli"]
+    """Run the ``ddscore-jax`` command in a subprocess, as a user would: ``python -m`` with this
+    interpreter, so it is this tree's code (an installed ``ddscore-jax`` first on PATH may be
+    another checkout's)."""
+    cmd = [sys.executable, "-m", "ddscore_jax.cli"]
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=full_env,
                           cwd=cwd, timeout=900)
