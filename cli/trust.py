@@ -1,8 +1,7 @@
 """``finetune`` and ``evaluate``: the ground truth for a ranking, and how well a ranking matches it.
 
-Registered on the root app by :func:`register`. The shared helpers of ``app.py`` (progress bars,
-console, JSON output) are imported when a command runs, not at import, because ``app.py`` imports
-this module while it is still being defined.
+Registered on the root app by :func:`register`. Option defaults and choices are those of
+:class:`ddscore_jax.finetune.Settings`.
 """
 
 from __future__ import annotations
@@ -11,6 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+
+from ddscore_jax import finetune as ft
+from ddscore_jax.cli._common import Bars, JsonOpt, console, write_json
+from ddscore_jax.train import Optimizer, Schedule
+
+_D = ft.Settings  # the defaults
 
 
 def register(app: typer.Typer) -> None:
@@ -29,43 +35,40 @@ def finetune(
                       "and settings are skipped, so an interrupted run resumes.")],
     image_size: Annotated[int, typer.Option(
         help="Images are resized to SIZE x SIZE (small by default: fine-tuning a zoo on a CPU "
-             "at 224 takes hours).")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.", min=1)] = 32,
-    epochs: Annotated[float, typer.Option(help="Passes over DATA/train.")] = 10.0,
-    optimizer: Annotated[str, typer.Option(help="adamw, or sgd (with momentum).")] = "adamw",
+             "at 224 takes hours).")] = _D.image_size,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.", min=1)
+                          ] = _D.batch_size,
+    epochs: Annotated[float, typer.Option(help="Passes over DATA/train.")] = _D.epochs,
+    optimizer: Annotated[Optimizer, typer.Option(help="sgd is with momentum.")] = _D.optimizer,
     learning_rate: Annotated[list[float] | None, typer.Option(
         help="Peak learning rate of the grid (repeat the option for several); each model's "
-             "accuracy is that of its best rate. [default: 0.001, 0.0003, 0.0001]")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+             "accuracy is that of its best rate.",
+        show_default=", ".join(map(str, _D.learning_rates)))] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = _D.momentum,
     weight_decay: Annotated[float, typer.Option(
-        help="Decoupled weight decay (adamw) or L2 decay (sgd); fixed, not searched.")] = 1e-4,
-    schedule: Annotated[str, typer.Option(
-        help="cosine (decay to 0 over the run) or constant.")] = "cosine",
+        help="Decoupled weight decay (adamw) or L2 decay (sgd); fixed, not searched.")
+    ] = _D.weight_decay,
+    schedule: Annotated[Schedule, typer.Option(
+        help="cosine decays to 0 over the run.")] = _D.schedule,
     clip_norm: Annotated[float, typer.Option(
-        help="Clip gradients to this global norm (0: no clipping).")] = 1.0,
+        help="Clip gradients to this global norm (0: no clipping).")] = _D.clip_norm,
     flip: Annotated[bool, typer.Option(
-        "--flip/--no-flip", help="Augment with random horizontal flips.")] = False,
+        "--flip/--no-flip", help="Augment with random horizontal flips.")] = _D.flip,
     seeds: Annotated[int, typer.Option(
         help="Runs per learning rate, with seeds SEED, SEED+1, ...: the results record their "
-             "mean and spread.")] = 1,
+             "mean and spread.")] = _D.seeds,
     seed: Annotated[int, typer.Option(
         help="First seed of the batch order, the flips and any freshly initialised "
-             "layer4.")] = 0,
-    json_out: Annotated[str | None, typer.Option(
-        "--json", metavar="PATH|-", help="Also write the results ('-' for stdout).")] = None,
+             "layer4.")] = _D.seed,
+    json_out: JsonOpt = None,
 ) -> None:
     """Fine-tune every zoo model on DATA/train and record its accuracy on DATA/valid."""
-    from rich.table import Table
-
-    from ddscore_jax import finetune as ft
-    from ddscore_jax.cli.app import _Bars, _write_json, console
-
-    grid = tuple(learning_rate) if learning_rate else ft.Settings.learning_rates
+    grid = tuple(learning_rate) if learning_rate else _D.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
                            optimizer=optimizer, learning_rates=grid, momentum=momentum,
                            weight_decay=weight_decay, schedule=schedule, clip_norm=clip_norm,
                            flip=flip, seeds=seeds, seed=seed)
-    with _Bars() as bars:
+    with Bars() as bars:
         doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars)
     table = Table(title=f"{data_root}: held-out accuracy after fine-tuning "
                         f"({doc['dataset']['held_out']['n_images']} images in valid/)",
@@ -83,7 +86,7 @@ def finetune(
     if any(m["layer4"] == "fresh" for m in doc["models"]):
         console.print("layer4 'fresh': the checkpoint has no layer4, so it was initialised "
                       "from the seed and trained from scratch")
-    _write_json(doc, json_out)
+    write_json(doc, json_out)
 
 
 def evaluate(
@@ -100,8 +103,7 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(
         help="Bootstrap replicates for the 95% intervals (over fine-tuning seeds, and over "
              "targets for the means).", min=100)] = 1000,
-    json_out: Annotated[str | None, typer.Option(
-        "--json", metavar="PATH|-", help="Also write the evaluation ('-' for stdout).")] = None,
+    json_out: JsonOpt = None,
 ) -> None:
     """Compare rankings with fine-tuned accuracy: tau_w, Kendall tau, Pearson, rel@1, rel@3.
 
@@ -110,10 +112,7 @@ def evaluate(
     per target (and the means over targets), writes --json and a figure per target of scores
     against accuracy (error bars: the seeds' spread).
     """
-    from rich.table import Table
-
     from ddscore_jax import evaluate as ev
-    from ddscore_jax.cli.app import _write_json, console
 
     groups = ev.group_files(files)
     summary = ev.evaluate_targets(groups, n_boot=bootstrap)
@@ -181,4 +180,4 @@ def evaluate(
             doc["figure"] = paths[0]
         else:
             doc["figures"] = paths
-    _write_json(doc, json_out)
+    write_json(doc, json_out)

@@ -23,9 +23,14 @@ from ddscore_jax.extract import (
 from ddscore_jax.metrics import METRICS, score_all
 from ddscore_jax.metrics import Progress as ScoreProgress
 from ddscore_jax.model import SCORE_BLOCKS
-from ddscore_jax.score import RCOND, ModelScore, precision_for, train_indices
+from ddscore_jax.score import ModelScore, precision_for, train_indices
+from ddscore_jax.settings import ExtractSettings, ScoreSettings
+from ddscore_jax.settings import to_json as settings_json
 
 log = logging.getLogger(__name__)
+
+# Keyword defaults are read from the settings classes: one copy of each default.
+_E, _S = ExtractSettings, ScoreSettings
 
 
 @dataclass
@@ -65,33 +70,6 @@ def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[Loade
     entries = zoo.read_nonempty(zoo_dir)
     return entries, [LoadedModel(e.name, e.config, zoo.load_state_dict(zoo_dir, e))
                      for e in entries]
-
-
-def _settings(train_fraction: float, seed: int, image_size: int | None, precision: str,
-              dtype: str | None = None, metrics: Sequence[str] = ("ddscore",)) -> dict:
-    settings = {"train_fraction": train_fraction, "seed": seed, "image_size": image_size,
-                "blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision,
-                "metrics": list(metrics)}
-    if image_size is None:  # scoring saved features: the image size is not ours to know
-        del settings["image_size"]
-    if dtype is not None:  # the forward's dtype changes the features, so the score
-        settings["forward_dtype"] = dtype
-    return settings
-
-
-MAX_IMAGE_SIZE = 4096  # a 32-image batch is then 6 GiB of float32 pixels already
-
-
-def _check_options(train_fraction: float, image_size: int, seed: int = 0) -> None:
-    """Every option checked before any work, so a typo never costs an extraction."""
-    if not 0.0 < train_fraction <= 1.0:
-        raise InputError(f"--train-fraction must be in (0, 1], got {train_fraction}")
-    if image_size < 32:
-        raise InputError(f"--image-size must be at least 32 (5 stride-2 steps), got {image_size}")
-    if image_size > MAX_IMAGE_SIZE:
-        raise InputError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
-    if seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, got {seed}")
 
 
 def _output_folder(folder: str | os.PathLike) -> None:
@@ -138,11 +116,12 @@ def _warn_if_all_tie(ranked: list[ModelScore], n_images: int) -> None:
 
 
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
-            batch_size: int = 32, image_size: int = 224, dtype: str = "float32",
-            workers: int | None = None, progress: Progress | None = None,
-            engine: str = "auto") -> list[Path]:
+            batch_size: int = _E.batch_size, image_size: int = _E.image_size,
+            dtype: str = _E.dtype, workers: int | None = _E.workers,
+            progress: Progress | None = None,
+            engine: str = _E.engine) -> list[Path]:
     """Write ``out/<model>.npz`` (docs/interface.md) for every zoo model; return the files."""
-    _check_options(0.8, image_size)
+    ExtractSettings(batch_size, image_size, dtype, workers, engine).check()
     _output_folder(out)
     dataset = data.scan(data_root)
     _, models = load_zoo(zoo_dir)
@@ -157,14 +136,14 @@ def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str |
     return written
 
 
-def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: int = 0,
-          precision: str | None = None, metrics: Sequence[str] = ("ddscore",),
-          progress: ScoreProgress | None = None) -> Ranking:
+def score(feats_dir: str | os.PathLike, *, train_fraction: float = _S.train_fraction,
+          seed: int = _S.seed, precision: str | None = None,
+          metrics: Sequence[str] = _S.metrics, progress: ScoreProgress | None = None) -> Ranking:
     """D-deepscore (or ``metrics``) of every ``*.npz`` feature file in ``feats_dir`` (all from one
     data set). Metrics that need the source classifier (LEEP, NCE) need ``rank``. ``progress``
     hears when the metrics compile (once per feature shape, all metrics together) and run."""
-    _check_options(train_fraction, 224, seed)
-    metrics = check_metrics(metrics)
+    settings = ScoreSettings(train_fraction, seed, tuple(metrics)).check()
+    metrics = list(settings.metrics)
     for m in metrics:
         if METRICS[m].needs_head:
             raise InputError(f"--metric {m}: needs the source classifier's predictions, which "
@@ -191,17 +170,7 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = 0.8, seed: in
     _warn_if_all_tie(ranked, len(first.labels))
     dataset = {"root": str(feats_dir), "n_images": int(len(first.labels)),
                "classes": [str(c) for c in first.classes]}
-    return Ranking(ranked, dataset, _settings(train_fraction, seed, None, precision,
-                                              metrics=metrics), refused=refused)
-
-
-def check_metrics(metrics: Sequence[str]) -> list[str]:
-    """The metric names asked for, in order, without repeats; InputError for an unknown one."""
-    names = list(dict.fromkeys(m.strip() for m in metrics if m.strip()))
-    for m in names:
-        if m not in METRICS:
-            raise InputError(f"--metric {m}: unknown metric; choose from {', '.join(METRICS)}")
-    return names or ["ddscore"]
+    return Ranking(ranked, dataset, settings_json(settings, precision), refused=refused)
 
 
 def _score(features, labels, train_fraction, seed, precision, where, metrics=("ddscore",),
@@ -225,15 +194,17 @@ def _score(features, labels, train_fraction, seed, precision, where, metrics=("d
 
 
 def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
-         batch_size: int = 32, image_size: int = 224, train_fraction: float = 0.8, seed: int = 0,
+         batch_size: int = _E.batch_size, image_size: int = _E.image_size,
+         train_fraction: float = _S.train_fraction, seed: int = _S.seed,
          cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-         precision: str | None = None, dtype: str = "float32", workers: int | None = None,
-         metrics: Sequence[str] = ("ddscore",), progress: Progress | None = None,
-         engine: str = "auto") -> Ranking:
+         precision: str | None = None, dtype: str = _E.dtype, workers: int | None = _E.workers,
+         metrics: Sequence[str] = _S.metrics, progress: Progress | None = None,
+         engine: str = _E.engine) -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them by
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
-    _check_options(train_fraction, image_size, seed)
-    metrics = check_metrics(metrics)
+    scoring = ScoreSettings(train_fraction, seed, tuple(metrics)).check()
+    forward = ExtractSettings(batch_size, image_size, dtype, workers, engine).check()
+    metrics = list(scoring.metrics)
     interrupts.kept("nothing new was saved" + ("" if use_cache else " (--no-cache)"))
     cache.enable_compilation_cache()  # the forward and the score compile once per machine
     dataset = data.scan(data_root)
@@ -322,8 +293,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     _warn_if_all_tie(ranked, len(dataset))
     info = {"root": readable(str(Path(data_root).resolve())), "n_images": len(dataset),
             "classes": list(dataset.classes)}
-    return Ranking(ranked, info, _settings(train_fraction, seed, image_size, precision, dtype,
-                                           metrics), cached, refused)
+    return Ranking(ranked, info, settings_json(scoring, precision, forward), cached, refused)
 
 
 __all__: Sequence[str] = ["Ranking", "extract", "rank", "score", "load_zoo"]

@@ -49,9 +49,9 @@ from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import SCORE_BLOCKS, ResNetConfig
+from ddscore_jax.settings import DTYPES
 
 Progress = Callable[[str, int, int], None]  # (description, completed, total)
-DTYPES = ("float32", "bfloat16")
 HEADS = ("probabilities", "logits")
 SAVE_EVERY = 30.0  # seconds between saves of an extraction's progress
 

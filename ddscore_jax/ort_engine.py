@@ -25,10 +25,10 @@ from functools import cache
 
 import numpy as np
 
-from ddscore_jax import model
+from ddscore_jax import model, settings
 from ddscore_jax.model import FEATURE_STAGE, ResNetConfig, StateDict
 
-ENGINES = ("auto", "jax", "onnxruntime")
+ENGINES = settings.ENGINES
 OPSET = 17
 # onnxruntime reads every IR version up to its own; 8 is what opset 17 was released with.
 IR_VERSION = 8

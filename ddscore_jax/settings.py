@@ -1,0 +1,101 @@
+"""The options of ``extract``, ``score`` and ``rank``: defaults and validation in one place.
+
+Frozen, as :class:`ddscore_jax.finetune.Settings` is for ``finetune``: the library's keyword
+defaults and the CLI's option defaults are read from these classes, and ``check`` is the one
+validation. ``rank`` is an :class:`ExtractSettings` plus a :class:`ScoreSettings`; its ``--json``
+``settings`` block is :func:`to_json` of the pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ddscore_jax.errors import InputError
+
+Dtype = Literal["float32", "bfloat16"]
+DTYPES: tuple[str, ...] = Dtype.__args__
+# auto: onnxruntime for a float32 forward on CPU when installed, else jax (docs/extraction.md).
+Engine = Literal["auto", "jax", "onnxruntime"]
+ENGINES: tuple[str, ...] = Engine.__args__
+
+# Five stride-2 steps reach conv4_x; below 32 px a feature map would vanish.
+MIN_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 4096  # a 32-image batch is then 6 GiB of float32 pixels already
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How features are computed: everything but ``workers`` and ``engine`` changes them (the
+    engines agree to float32 rounding)."""
+
+    batch_size: int = 32
+    image_size: int = 224
+    dtype: Dtype = "float32"
+    workers: int | None = None  # decode threads: default one per core, at most 8; 0 inline
+    engine: Engine = "auto"
+
+    def check(self) -> ExtractSettings:
+        """``self``, or InputError naming the first bad option (checked before any work, so a typo
+        never costs an extraction)."""
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} (5 stride-2 steps), "
+                             f"got {self.image_size}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise InputError(f"--image-size must be at most {MAX_IMAGE_SIZE}, "
+                             f"got {self.image_size}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.engine not in ENGINES:
+            raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.workers is not None and self.workers < 0:
+            raise InputError(f"--workers must be at least 0, got {self.workers}")
+        return self
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How features become scores: the seeded subset and the metrics (the first ranks)."""
+
+    train_fraction: float = 0.8
+    seed: int = 0
+    metrics: tuple[str, ...] = ("ddscore",)
+
+    def check(self) -> ScoreSettings:
+        """``self`` with the metric names cleaned (see :func:`check_metrics`), or InputError."""
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise InputError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
+        if self.seed < 0:
+            raise InputError(f"--seed must be a non-negative integer, got {self.seed}")
+        return ScoreSettings(self.train_fraction, self.seed, tuple(check_metrics(self.metrics)))
+
+
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    """The metric names asked for, in order, without repeats; InputError for an unknown one."""
+    from ddscore_jax.metrics import METRICS
+
+    names = list(dict.fromkeys(m.strip() for m in metrics if m.strip()))
+    for m in names:
+        if m not in METRICS:
+            raise InputError(f"--metric {m}: unknown metric; choose from {', '.join(METRICS)}")
+    return names or list(ScoreSettings.metrics)
+
+
+def to_json(score: ScoreSettings, precision: str, extract: ExtractSettings | None = None) -> dict:
+    """The ``settings`` block of ``score``/``rank --json`` (docs/interface.md): every setting that
+    changed the numbers. Without ``extract`` (scoring saved features) the image size and the
+    forward's dtype are not ours to know."""
+    from ddscore_jax.model import SCORE_BLOCKS
+    from ddscore_jax.score import RCOND
+
+    out = {"train_fraction": score.train_fraction, "seed": score.seed}
+    if extract is not None:
+        out["image_size"] = extract.image_size
+    out |= {"blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision,
+            "metrics": list(score.metrics)}
+    if extract is not None:  # the forward's dtype changes the features, so the score
+        out["forward_dtype"] = extract.dtype
+    return out
