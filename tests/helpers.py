@@ -93,6 +93,32 @@ def cli(*args: str | os.PathLike, env: dict | None = None, cwd=None) -> subproce
                           cwd=cwd, timeout=900)
 
 
+def cli_in_process(*args: str | os.PathLike, env: dict | None = None
+                   ) -> subprocess.CompletedProcess:
+    """The same command in this process, through Typer's ``CliRunner`` isolation (its stdin,
+    stdout, stderr and environment) and the real exit-code mapping (``_common.run``):
+    for argument, usage and bad-input tests, which need no process of their own."""
+    from typer.testing import CliRunner
+
+    from ddscore_jax.cli._common import run
+    from ddscore_jax.cli.app import app
+
+    argv = ["ddscore-jax", *map(str, args)]
+    with CliRunner().isolation(env=env) as (out, err, _):
+        saved, sys.argv = sys.argv, argv
+        try:
+            run(app, process=False)  # no signal handlers or exception hooks in pytest
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv = saved
+            sys.stdout.flush()  # the isolation's text wrappers buffer
+            sys.stderr.flush()
+        return subprocess.CompletedProcess(argv, code, out.getvalue().decode(),
+                                           err.getvalue().decode())
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The error line a failed command printed (its last stderr line)."""
     lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]

@@ -1,4 +1,9 @@
-"""The real ``ddscore-jax`` command in a subprocess, on real files in a temporary folder."""
+"""The real ``ddscore-jax`` command on real files in a temporary folder.
+
+Two tiers: end-to-end runs in a subprocess, as a user runs it (``cli``), and argument, usage and
+bad-input tests in this process through Typer's ``CliRunner`` and the real entry point
+(``invoke``), which check the same exit codes and lines without starting Python and JAX again.
+"""
 
 import json
 import os
@@ -8,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
+from helpers import cli_in_process as invoke
 
 SIZE = "32"  # small images keep the subprocess runs fast; parity is tested in test_model.py
 
@@ -93,18 +99,18 @@ def test_extract_score_rank_agree(workspace, tmp_path):
 def test_convert_is_idempotent_and_names_clash(workspace, tmp_path):
     _, ckpts, _, _ = workspace
     zoo = tmp_path / "zoo"
-    assert cli("convert", ckpts / "r18_a.pth", "--zoo", zoo).returncode == 0
+    assert invoke("convert", ckpts / "r18_a.pth", "--zoo", zoo).returncode == 0
     before = snapshot(zoo)
-    again = cli("convert", ckpts / "r18_a.pth", "--zoo", zoo)
+    again = invoke("convert", ckpts / "r18_a.pth", "--zoo", zoo)
     assert again.returncode == 0 and "unchanged" in again.stderr
     assert snapshot(zoo) == before
 
-    clash = cli("convert", ckpts / "r34.pth", "--zoo", zoo, "--name", "r18_a")
+    clash = invoke("convert", ckpts / "r34.pth", "--zoo", zoo, "--name", "r18_a")
     assert clash.returncode == 2
     assert "r34.pth" in error_line(clash) and "--overwrite" in error_line(clash)
     assert snapshot(zoo) == before
 
-    replaced = cli("convert", ckpts / "r34.pth", "--zoo", zoo, "--name", "r18_a", "--overwrite")
+    replaced = invoke("convert", ckpts / "r34.pth", "--zoo", zoo, "--name", "r18_a", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     models = json.loads((zoo / "zoo.json").read_text())["models"]
     assert [(m["name"], m["arch"]) for m in models] == [("r18_a", "resnet34")]
@@ -114,7 +120,7 @@ def test_convert_is_idempotent_and_names_clash(workspace, tmp_path):
         models[0]["checkpoint"].split("/")[1]]
     assert models[0]["checkpoint"].startswith("checkpoints/r18_a~")
 
-    many = cli("convert", ckpts, "--zoo", zoo, "--name", "x")
+    many = invoke("convert", ckpts, "--zoo", zoo, "--name", "x")
     assert many.returncode == 2 and "exactly one" in error_line(many)
 
 
@@ -172,7 +178,7 @@ def test_bad_checkpoint_leaves_zoo_as_it_was(workspace, tmp_path, kind, message)
     before = snapshot(my_zoo)
     # Each checkpoint on its own: the good one is added whole, the bad one refused in one line.
     good = shutil.copy(ckpts / "r34.pth", tmp_path / "fresh.pth")
-    result = cli("convert", good, bad, "--zoo", my_zoo, env={"EVIL_MARKER": str(marker)})
+    result = invoke("convert", good, bad, "--zoo", my_zoo, env={"EVIL_MARKER": str(marker)})
     assert result.returncode == 2, result.stderr
     line = error_line(result)
     assert line.startswith("error: ") and bad.name in line and message in line, line
@@ -188,7 +194,7 @@ def test_bad_checkpoint_leaves_zoo_as_it_was(workspace, tmp_path, kind, message)
 
 def test_failed_convert_into_new_zoo_creates_nothing(tmp_path):
     bad = make_bad_checkpoint("garbage", tmp_path, None)
-    result = cli("convert", bad, "--zoo", tmp_path / "new_zoo")
+    result = invoke("convert", bad, "--zoo", tmp_path / "new_zoo")
     assert result.returncode == 2
     assert not (tmp_path / "new_zoo").exists()
 
@@ -221,7 +227,7 @@ def test_bad_data(workspace, tmp_path, kind, message, command):
     args = (["--json", out / "r.json", "--cache-dir", cache] if command == "rank"
             else ["--out", out])
     # Batches of 2: the corrupt image comes after three finished batches.
-    result = cli(command, zoo, data, "--image-size", SIZE, "--batch-size", "2", *args)
+    result = invoke(command, zoo, data, "--image-size", SIZE, "--batch-size", "2", *args)
     assert result.returncode == 2, result.stderr
     line = error_line(result)
     assert line.startswith("error: ") and message in line, line
@@ -234,26 +240,27 @@ def test_bad_data(workspace, tmp_path, kind, message, command):
 
 def test_empty_or_missing_zoo(workspace, tmp_path):
     _, _, data, _ = workspace
-    missing = cli("rank", tmp_path / "nozoo", data)
+    missing = invoke("rank", tmp_path / "nozoo", data)
     assert missing.returncode == 2 and "zoo.json" in error_line(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "zoo.json").write_text('{"models": []}')
-    result = cli("rank", empty, data)
+    result = invoke("rank", empty, data)
     assert result.returncode == 2 and "has no models" in error_line(result)
 
 
 def test_bad_options(workspace, tmp_path):
     _, _, data, zoo = workspace
-    frac = cli("rank", zoo, data, "--train-fraction", "1.5")
+    frac = invoke("rank", zoo, data, "--train-fraction", "1.5")
     assert frac.returncode == 2 and "--train-fraction" in error_line(frac)
-    usage = cli("rank", zoo)
+    usage = invoke("rank", zoo)
     assert usage.returncode == 2  # missing argument: click's usage error
-    nofolder = cli("rank", zoo, data, "--image-size", SIZE, "--json", tmp_path / "no" / "r.json")
+    nofolder = invoke("rank", zoo, data, "--image-size", SIZE, "--json", tmp_path / "no" / "r.json")
     assert nofolder.returncode == 2 and "does not exist" in error_line(nofolder)
-    assert cli("--version").stdout.startswith("ddscore-jax ")
+    assert invoke("--version").stdout.startswith("ddscore-jax ")
 
 
+@pytest.mark.slow  # pre-trains four ResNet18s: minutes on 2 cores
 def test_demo_runs_and_is_cached(tmp_path):
     """The README's first command: the full demo, first run (builds) and second run (cached)."""
     first = cli("demo", "--cache-dir", tmp_path / "demo", "--json", "-")
@@ -313,7 +320,26 @@ def test_several_metrics_one_column_each(workspace, tmp_path):
         assert set(m["metric_block_scores"]) == {"gbc", "knn"}
         assert m["metric_block_scores"]["gbc"] == m["block_scores"]
 
-    no_head_metric = cli("score", feats, "--metric", "nce")
+    no_head_metric = invoke("score", feats, "--metric", "nce")
     assert no_head_metric.returncode == 2 and "use `ddscore-jax rank`" in error_line(no_head_metric)
-    unknown = cli("score", feats, "--metric", "nope")
+    unknown = invoke("score", feats, "--metric", "nope")
     assert unknown.returncode == 2 and "unknown metric" in error_line(unknown)
+
+
+def test_help_lists_the_choices_and_click_refuses_others(workspace):
+    from ddscore_jax.metrics import METRICS
+
+    _, _, data, zoo = workspace
+    shown = invoke("rank", "--help", env={"COLUMNS": "400"})
+    assert shown.returncode == 0
+    help_text = " ".join(shown.stdout.split())
+    assert "float32|bfloat16" in help_text and "[default: 0.8]" in help_text
+    assert all(name in help_text for name in METRICS)  # from the registry
+    tuned = invoke("finetune", "--help", env={"COLUMNS": "400"})
+    assert "sgd|adamw" in tuned.stdout and "cosine|constant" in tuned.stdout
+    for command, option, value in (("rank", "--dtype", "float16"),
+                                   ("finetune", "--optimizer", "lion"),
+                                   ("finetune", "--schedule", "step")):
+        extra = ["--out", "r.json"] if command == "finetune" else []
+        refused = invoke(command, zoo, data, *extra, option, value)
+        assert refused.returncode == 2 and option in refused.stderr and value in refused.stderr

@@ -5,7 +5,6 @@ network against torchvision's own forward; ``finetune`` and ``evaluate`` through
 in a subprocess; the benchmark's ``--small`` run as CI runs it.
 """
 
-import inspect
 import json
 import re
 import subprocess
@@ -286,18 +285,6 @@ def test_finetuning_network_keeps_the_source_and_adds_what_it_lacks(tmp_path):
     assert all(np.array_equal(again[k], fresh[k]) for k in fresh)  # seeded
     other = model.to_state_dict(ft.network(backbone, 3, seed=8)[1])
     assert not np.array_equal(other["layer4.0.conv1.weight"], w)
-
-
-def test_cli_defaults_are_the_library_defaults():
-    from ddscore_jax.cli import trust
-
-    defaults = {name: p.default for name, p in inspect.signature(trust.finetune).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    # The grid option is repeatable; its None stands for the library's grid.
-    assert defaults.pop("learning_rate") is None
-    defaults["learning_rates"] = ft.Settings.learning_rates
-    for field, value in ft.Settings().__dict__.items():
-        assert defaults[field] == value, field
 
 
 # ---------------------------------------------------------------------------------------------
