@@ -35,6 +35,9 @@ from ddscore_jax.errors import InputError, environment_message, os_error_in_text
 from ddscore_jax.metrics import METRICS
 from ddscore_jax.settings import Dtype, Engine
 
+# Typer 0.2x carries its own copy of Click: its usage errors are these classes, not click's.
+_clickx = typer.core._click.exceptions
+
 console = Console(stderr=True)
 
 ZooArg = Annotated[Path, typer.Argument(help="Model zoo folder (made by `convert`).")]
@@ -62,6 +65,33 @@ WorkersOpt = Annotated[int | None, typer.Option(
     help="Image decode threads (default: one per core, at most 8); 0 decodes inline.", min=0)]
 CacheDirOpt = Annotated[Path | None, typer.Option(
     help="Feature cache folder [default: ~/.cache/ddscore-jax/features].")]
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """The root command group: Click's usage errors (a missing argument, an unknown option, a
+    value not among an option's choices) become InputError, so they too are one line and exit 2
+    (:func:`run`), not a boxed panel. A bare command still prints its help."""
+
+    def make_context(self, *args, **kwargs) -> typer.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _clickx.NoArgsIsHelpError:
+            raise
+        except _clickx.UsageError as e:
+            raise _usage(e) from None
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except _clickx.NoArgsIsHelpError:
+            raise
+        except _clickx.UsageError as e:
+            raise _usage(e) from None
+
+
+def _usage(e: _clickx.UsageError) -> InputError:
+    where = e.ctx.command_path if e.ctx is not None else "ddscore-jax"
+    return InputError(f"{e.format_message()} (see `{where} --help`)")
 
 
 class Bars:

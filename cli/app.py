@@ -26,6 +26,7 @@ from ddscore_jax.cli._common import (
     FractionOpt,
     JsonOpt,
     MetricOpt,
+    OneLineUsageErrors,
     SeedOpt,
     SizeOpt,
     WorkersOpt,
@@ -43,6 +44,7 @@ _E, _S = ExtractSettings, ScoreSettings  # every option default is read from the
 
 app = typer.Typer(
     name="ddscore-jax",
+    cls=OneLineUsageErrors,
     help="Rank pre-trained ResNets for a small labelled image set with D-deepscore.",
     no_args_is_help=True,
     add_completion=False,
