@@ -196,11 +196,12 @@ def run(app: Callable[[], object], *, process: bool = True) -> None:
     kept. 1 for our own bugs.
 
     ``process=False`` (tests running the command in-process) leaves the process-wide state alone:
-    signal handlers, exception hooks, library log levels, and the hard exit past waiting threads.
+    signal handlers, exception hooks, the library's log handler and levels, and the hard exit
+    past waiting threads.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _log_to_stderr()
     if process:
+        _log_to_stderr()
         interrupts.install()
     if process and not os.environ.get("DDSCORE_JAX_DEBUG"):
         # A failed Orbax save also surfaces in its own threads and callbacks: logged tracebacks,
