@@ -84,6 +84,12 @@ def test_extract_score_rank_agree(workspace, tmp_path):
     assert by_rank["dataset"] == {"root": str(data.resolve()), "n_images": 21,
                                   "classes": ["crack", "ok", "scratch"]}
     settings = by_rank["settings"]
+    # The settings block is settings.to_json of the run's ExtractSettings + ScoreSettings, keys
+    # as before the settings classes existed.
+    assert list(settings) == ["train_fraction", "seed", "image_size", "blocks", "rcond",
+                              "precision", "metrics", "forward_dtype"]
+    assert list(by_score["settings"]) == ["train_fraction", "seed", "blocks", "rcond",
+                                          "precision", "metrics"]
     assert settings["precision"] == "float64" and settings["image_size"] == 32
     assert settings["train_fraction"] == 0.8 and settings["seed"] == 0
 
