@@ -99,7 +99,9 @@ class Bars:
 
     def __init__(self) -> None:
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+                             TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                             # Piped stderr gets no bar snapshots: an error stays one line there.
+                             transient=not console.is_terminal)
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> Bars:

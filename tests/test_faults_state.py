@@ -143,9 +143,11 @@ def test_kill_during_convert_leaves_old_or_new(files, old_zoo, tmp_path, step):
                  env={"DDSCORE_JAX_FAULT": step})
     assert killed.returncode == -9, killed.stderr  # the hook reached the step
 
-    # Old or new, never a mix, and every checkpoint zoo.json names loads.
+    # convert commits each checkpoint on its own, in order (m0, then m2): the zoo is the old one,
+    # the old one with m0 replaced, or the new one; never a half-written model, and every
+    # checkpoint zoo.json names loads.
     after = models_of(zoo_dir)
-    assert after == old or (set(after) == {"m0", "m2"} and after["m0"] != old["m0"]), after
+    assert after == old or (after["m0"] != old["m0"] and set(after) - {"m2"} == set(old)), after
     for e in zoo.read(zoo_dir):
         assert zoo.load_state_dict(zoo_dir, e)
 
