@@ -72,8 +72,10 @@ def check_float_dtypes(tensors: Mapping[str, object], source: str) -> None:
     """InputError naming the first parameter stored as an integer or boolean: damage, which a
     cast to float32 would hide."""
     for name, value in tensors.items():
+        # ml_dtypes' bfloat16 (what NumPy holds a bfloat16 safetensors in) is not np.floating.
         floating = (value.is_floating_point() if hasattr(value, "is_floating_point")
-                    else np.issubdtype(np.asarray(value).dtype, np.floating))
+                    else np.issubdtype(np.asarray(value).dtype, np.floating)
+                    or np.asarray(value).dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"))
         if not floating:
             dtype = str(getattr(value, "dtype", "?")).removeprefix("torch.")
             raise InputError(f"{source}: tensor {name} has dtype {dtype}, expected a "
