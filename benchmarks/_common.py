@@ -65,14 +65,14 @@ def torch_models(n: int, arch: str = "resnet18"):
 def loaded_models(nets) -> list:
     """The same networks as ddscore-jax loads them (the real converter; BatchNorm is folded when
     the engine is built)."""
-    from ddscore_jax.converters.torch import from_state_dict
+    from ddscore_jax.converters.state_dict import import_state_dict
     from ddscore_jax.extract import LoadedModel
 
     out = []
     for i, net in enumerate(nets):
         sd = {k: v.detach().float().numpy() for k, v in net.state_dict().items()
               if v.is_floating_point()}
-        imported = from_state_dict(sd, f"bench{i}")
+        imported = import_state_dict(sd, f"bench{i}")[0]
         out.append(LoadedModel(f"bench{i}", imported.config, imported.state_dict))
     return out
 

@@ -110,10 +110,3 @@ def _pickle_globals(path: Path) -> list[str]:
             return names
     except Exception:  # noqa: BLE001 - the opcodes are only for the message
         return []
-
-
-def from_state_dict(sd: dict, source: str):
-    """A state dict already in memory (any layout or prefix) -> ``ImportedModel``."""
-    from ddscore_jax.converters.state_dict import import_state_dict
-
-    return import_state_dict(sd, source)[0]
