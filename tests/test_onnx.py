@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
 import jax
@@ -47,12 +48,15 @@ LOGITS_RTOL = 1e-4
 # Exporter-folded convolutions vs the source's own BatchNorm folded by the model (in float64),
 # max|diff| / max|folded| per tensor: the exporter folds in float32, measured <= 1.6e-7.
 PARAM_RTOL = 1e-6
-# D-deepscore (scores lie in [0, classes]) of the .pth import vs the ONNX import, |difference|.
-# Unfolded graphs import bit-identically to the .pth. Exporter-folded graphs carry weights the
-# exporter rounded to float32 (~1.6e-7 of each tensor's scale), which moves the features by ~5e-7
-# relative; the score then moves by ~1e-6 when the train split is tiny (24 samples) but by
-# <= 4e-7 at a realistic 240 samples (measured over 3 draws), hence SCORE_N.
-SCORE_ATOL = 1e-6
+# D-deepscore (scores lie in [0, classes]) of the .pth import vs the ONNX import, |difference|
+# over the score and every block score. Unfolded graphs import bit-identically to the .pth.
+# Exporter-folded graphs carry weights the exporter rounded to float32 (~1.6e-7 of each tensor's
+# scale), which moves the features by ~5e-7 relative and the score (~1.8 here) by up to: resnet18
+# 8.5e-7, resnet50 1.4e-6 (max over 30 image draws; medians 3e-7 and 7e-7). 1e-6, set from three
+# draws, failed one CI run in ten, so the bound is 3.5x the measured maximum, and each case's
+# images are seeded so a run is reproducible. A real import fault (a transposed kernel, a wrong
+# eps, a missing block) moves the score by 1e-3 or more.
+SCORE_ATOL = 5e-6
 SCORE_N = 300
 # Every variant on resnet18 and three on resnet34; on each Bottleneck family a folded and an
 # unfolded graph, TorchScript and dynamo exporters between them; timm's ResNet-D once. Exports and
@@ -140,8 +144,9 @@ def exports(tmp_path_factory) -> _Exports:
     return _Exports(tmp_path_factory.mktemp("onnx-exports"))
 
 
-def _images(n: int) -> np.ndarray:
-    return np.random.default_rng().normal(size=(n, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+def _images(n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    rng = rng or np.random.default_rng(0)  # reproducible runs
+    return rng.normal(size=(n, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
 
 
 def _ort_batch(variant: str) -> int:
@@ -208,12 +213,12 @@ def test_imported_parameters_are_the_sources_own(exports, arch, variant):
                                           ("resnet18", "dynamo-dynamic"),
                                           ("resnet50", "ts-opset13")])
 def test_pth_and_onnx_imports_score_alike(exports, arch, variant):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(zlib.crc32(f"{arch}-{variant}".encode()))
     n = SCORE_N
     labels = rng.permutation(np.arange(n) % 3)
     # Classes that differ in their images, as in the data the score is meant for.
     centres = rng.normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3))
-    images = (_images(n) + 0.5 * centres[labels]).astype(np.float32)
+    images = (_images(n, rng) + 0.5 * centres[labels]).astype(np.float32)
     features = {}
     for name, imported in (("pth", exports.pth_import(arch)),
                            ("onnx", load_checkpoint(exports.onnx(arch, variant)))):
