@@ -66,7 +66,7 @@ def loaded_models(nets) -> list:
     """The same networks as ddscore-jax loads them (the real converter; BatchNorm is folded when
     the engine is built)."""
     from ddscore_jax.converters.state_dict import import_state_dict
-    from ddscore_jax.extract import LoadedModel
+    from ddscore_jax.forward import LoadedModel
 
     out = []
     for i, net in enumerate(nets):
@@ -147,7 +147,7 @@ def published_pipeline(nets, root: Path, image_size: int, batch_size: int, worke
 
 
 def train_subset(n: int, fraction: float, seed: int) -> np.ndarray:
-    from ddscore_jax.score import train_indices
+    from ddscore_jax.ddscore import train_indices
 
     return train_indices(n, fraction, seed)
 

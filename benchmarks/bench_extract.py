@@ -3,7 +3,7 @@
 Three ways to get the conv4_x features of the same models on the same JPEGs, every side decoding
 with Pillow and resizing with the same bilinear filter:
 
-- ours:         ``ddscore_jax.extract.extract_features`` (threaded decode, one pass for both
+- ours:         ``ddscore_jax.forward.extract_features`` (threaded decode, one pass for both
                 blocks, every model on each decoded batch) with its default engine (on CPU:
                 onnxruntime when installed), and with ``engine="jax"`` (XLA); then
                 ``score_models`` for the end-to-end comparison; also with ``workers=0`` (decode
@@ -76,8 +76,8 @@ def main() -> None:
     # DataLoader workers fork a process that has JAX's threads; they only run Pillow and torch's
     # transforms, never JAX, so the warning's deadlock (a JAX lock held across fork) cannot bite.
     warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-    from ddscore_jax.extract import ZooForward, extract_features
-    from ddscore_jax.score import score_models
+    from ddscore_jax.ddscore import score_models
+    from ddscore_jax.forward import ZooForward, extract_features
 
     root = args.data or make_dataset(
         Path(tempfile.gettempdir()) / f"ddscore-bench-{args.images}", args.images)

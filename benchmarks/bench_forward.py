@@ -94,7 +94,7 @@ def _torch_export_session(net, size: int):
 def engines(args) -> None:
     import torch
 
-    from ddscore_jax.extract import ZooForward
+    from ddscore_jax.forward import ZooForward
 
     nets = torch_models(args.models, args.arch)
     models = loaded_models(nets)
@@ -153,7 +153,7 @@ def _report(times: dict[str, list[float]], per_run: int, loads: list[float], bas
 
 def _child(args) -> None:
     """One side in a fresh process: print JSON {"times": [...], "err": ...}."""
-    from ddscore_jax.extract import ZooForward
+    from ddscore_jax.forward import ZooForward
 
     nets = torch_models(args.models, args.arch)
     x = _images(args.batch_size, args.image_size)
@@ -199,8 +199,8 @@ def strategies(args) -> None:
     import jax
 
     from ddscore_jax import data
-    from ddscore_jax.extract import ZooForward, extract_features
-    from ddscore_jax.score import score_models
+    from ddscore_jax.ddscore import score_models
+    from ddscore_jax.forward import ZooForward, extract_features
 
     b, s = args.batch_size, args.image_size
     root = make_dataset(Path(tempfile.gettempdir()) / f"ddscore-bench-{args.score_images}",

@@ -30,7 +30,7 @@ from _common import machine, make_dataset
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     from ddscore_jax import data, model
-    from ddscore_jax.extract import LoadedModel, extract_features
+    from ddscore_jax.forward import LoadedModel, extract_features
     root, size, batch, zoo, engine = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4], sys.argv[5]
     ds = data.scan(root)

@@ -1,4 +1,4 @@
-"""Scoring time: ``ddscore_jax.score.block_scores`` vs the published NumPy formula, one run.
+"""Scoring time: ``ddscore_jax.ddscore.block_scores`` vs the published NumPy formula, one run.
 
 The published score, per model and block, is four dense steps on the (n x d) features: the
 class-mean matrix, two full SVDs (rotation into each matrix's right-singular basis), two d x d
@@ -62,7 +62,7 @@ def main() -> None:
 
     import jax
 
-    from ddscore_jax.score import _scores, block_scores
+    from ddscore_jax.ddscore import _scores, block_scores
 
     f, y = features(np.random.default_rng(0), args.models, args.n, args.d, args.classes)
     print(f"machine: {machine()}", file=sys.stderr)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ddscore_jax.extract import load_features
+from ddscore_jax.ddscore import block_scores
+from ddscore_jax.forward import load_features
 from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.reference import published_score
-from ddscore_jax.score import block_scores
 
 
 def main() -> None:

@@ -245,7 +245,7 @@ def run(app: Callable[[], object], *, process: bool = True) -> None:
 
     try:
         if os.environ.get("DDSCORE_JAX_DISTRIBUTED"):  # multi-host: join before any device use
-            from ddscore_jax.extract import initialize_distributed
+            from ddscore_jax.forward import initialize_distributed
 
             initialize_distributed()
         app()

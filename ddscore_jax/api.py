@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ddscore_jax import cache, data, interrupts, zoo
+from ddscore_jax.ddscore import ModelScore, precision_for, train_indices
 from ddscore_jax.errors import InputError, readable
-from ddscore_jax.extract import (
+from ddscore_jax.forward import (
     LoadedModel,
     Progress,
     extract_features,
@@ -23,7 +24,6 @@ from ddscore_jax.extract import (
 from ddscore_jax.metrics import METRICS, score_all
 from ddscore_jax.metrics import Progress as ScoreProgress
 from ddscore_jax.model import SCORE_BLOCKS
-from ddscore_jax.score import ModelScore, precision_for, train_indices
 from ddscore_jax.settings import ExtractSettings, ScoreSettings
 from ddscore_jax.settings import to_json as settings_json
 

@@ -7,7 +7,7 @@ softmax outputs (..., n, Z) instead of features. Each is written from its paper'
 definitions, the numerical choices and where they differ from the widely copied reference code are
 in docs/metrics.md.
 
-As in ``score.py``, one compiled program scores every (model, block) matrix at once (``lax.map``
+As in ``ddscore.py``, one compiled program scores every (model, block) matrix at once (``lax.map``
 over the flattened leading axes), in float64 wherever the backend has it.
 """
 
@@ -24,8 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddscore_jax.score import BLOCKS, RCOND, ModelScore, _block_score, precision_for, train_indices
-from ddscore_jax.score import block_scores as ddscore
+from ddscore_jax.ddscore import (
+    BLOCKS,
+    RCOND,
+    ModelScore,
+    _block_score,
+    precision_for,
+    train_indices,
+)
+from ddscore_jax.ddscore import block_scores as ddscore
 from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
 
 TRANSRATE_EPS = 1e-4  # the distortion of TransRate's coding rate (eps^2 of the paper, see docs)
@@ -625,7 +632,7 @@ def score_all(
     ``features[name][block]`` is (n, d); a feature metric's model score is its mean over
     ``blocks``, with the per-block values in ``block_scores``. ``head_probs[name]`` is the source
     head's softmax output (n, Z) for LEEP/NCE (None, or absent: the model has no such score).
-    Every model uses the same seeded split (:func:`ddscore_jax.score.train_indices`). All feature
+    Every model uses the same seeded split (:func:`ddscore_jax.ddscore.train_indices`). All feature
     metrics run as one compiled program per feature shape (models of one width are stacked), and
     all head metrics as one more.
     """

@@ -1,7 +1,7 @@
-"""The published D-deepscore, transcribed step by step in NumPy: the yardstick for ``score.py``.
+"""The published D-deepscore, transcribed step by step in NumPy: the yardstick for ``ddscore.py``.
 
-Not used to rank (``ddscore_jax.score`` computes the same number in closed form, jitted); the tests
-and benchmarks compare against it.
+Not used to rank (``ddscore_jax.ddscore`` computes the same number in closed form, jitted); the
+tests and benchmarks compare against it.
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ def to_json(score: ScoreSettings, precision: str, extract: ExtractSettings | Non
     """The ``settings`` block of ``score``/``rank --json`` (docs/interface.md): every setting that
     changed the numbers. Without ``extract`` (scoring saved features) the image size and the
     forward's dtype are not ours to know."""
+    from ddscore_jax.ddscore import RCOND
     from ddscore_jax.model import SCORE_BLOCKS
-    from ddscore_jax.score import RCOND
 
     out = {"train_fraction": score.train_fraction, "seed": score.seed}
     if extract is not None:

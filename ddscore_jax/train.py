@@ -3,7 +3,7 @@
 Used by ``finetune`` (the ground truth), by the demo's pre-training and by the transfer
 benchmark's. BatchNorm trains as BatchNorm: batch statistics in the training forward, running
 statistics updated with torch's momentum 0.1 and unbiased batch variance (:class:`model.BatchNorm`)
-and used for evaluation, which runs through the forward engine (:class:`extract.ZooForward`:
+and used for evaluation, which runs through the forward engine (:class:`forward.ZooForward`:
 padded batches, one compile per shape).
 
 Speed (docs/finetune.md). One compiled step per (network config, optimiser): parameters, batch
@@ -158,7 +158,7 @@ class Trainer:
     def logits(self, state: nnx.State, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(n, S, S, 3) -> (n, num_classes) float32 in eval mode (running statistics), through
         the forward engine."""
-        from ddscore_jax.extract import LoadedModel, ZooForward
+        from ddscore_jax.forward import LoadedModel, ZooForward
 
         net = LoadedModel("trained", self.config, model.to_state_dict(state), blocks=0,
                           head="logits")

@@ -290,7 +290,7 @@ def test_demo_runs_and_is_cached(tmp_path):
 
 def test_several_metrics_one_column_each(workspace, tmp_path):
     from ddscore_jax import metrics
-    from ddscore_jax.score import train_indices
+    from ddscore_jax.ddscore import train_indices
 
     _, _, data, zoo = workspace
     feats = tmp_path / "feats"

@@ -11,7 +11,7 @@ from helpers import randomise_batchnorm, rel_err, write_image_folder
 from ddscore_jax import data, model, ort_engine
 from ddscore_jax.converters.state_dict import import_state_dict
 from ddscore_jax.errors import InputError
-from ddscore_jax.extract import LoadedModel, ZooForward, extract_features
+from ddscore_jax.forward import LoadedModel, ZooForward, extract_features
 
 IMAGE_SIZE = 64
 # max|ours - source| / max|source| per output, float32 through ~20-50 convolutions: measured

@@ -20,7 +20,7 @@ from PIL import Image
 from ddscore_jax import cache, data, model, pipeline, zoo
 from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
-from ddscore_jax.extract import (
+from ddscore_jax.forward import (
     LoadedModel,
     ZooForward,
     _forward_one,
@@ -304,7 +304,7 @@ _SHARDED = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from ddscore_jax import data, model
-    from ddscore_jax.extract import LoadedModel, ZooForward, batch_mesh, extract_features
+    from ddscore_jax.forward import LoadedModel, ZooForward, batch_mesh, extract_features
     assert jax.device_count() == 4, jax.devices()
     ds = data.scan(sys.argv[1])
     config = model.CONFIGS["resnet18"]
@@ -349,11 +349,11 @@ def test_four_devices_give_the_features_of_one(tmp_path):
 _HOST = textwrap.dedent("""
     import sys
     import numpy as np
-    from ddscore_jax.extract import initialize_distributed
+    from ddscore_jax.forward import initialize_distributed
     initialize_distributed()  # from DDSCORE_JAX_DISTRIBUTED and JAX_* variables, as the CLI does
     import jax
     from ddscore_jax import data, model
-    from ddscore_jax.extract import LoadedModel, extract_features
+    from ddscore_jax.forward import LoadedModel, extract_features
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
     config = model.CONFIGS["resnet18"]
     models = [LoadedModel("m0", config, model.init_state_dict(config, seed=0))]

@@ -26,7 +26,7 @@ from ddscore_jax import api, data
 from ddscore_jax.cache import dataset_fingerprint
 from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.errors import InputError, environment_message
-from ddscore_jax.extract import save_features
+from ddscore_jax.forward import save_features
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
 from sklearn.metrics import mutual_info_score
 
 from ddscore_jax import metrics
-from ddscore_jax.score import RCOND
+from ddscore_jax.ddscore import RCOND
 
 FEATURE_METRICS = ("hscore", "shrinkage_hscore", "logme", "transrate", "gbc", "knn")
 

@@ -28,9 +28,9 @@ from helpers import (
 from ddscore_jax import model, zoo
 from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.converters.arch import detect_config
-from ddscore_jax.extract import load_features
+from ddscore_jax.ddscore import train_indices
+from ddscore_jax.forward import load_features
 from ddscore_jax.reference import published_score
-from ddscore_jax.score import train_indices
 
 # float32 through up to ~50 convolutions: measured 1e-7 to 2e-6; 1e-5 leaves room for other CPUs.
 FEATURE_RTOL = 1e-5

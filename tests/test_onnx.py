@@ -32,8 +32,8 @@ from onnx_exports import (
 
 from ddscore_jax import model
 from ddscore_jax.converters import load_checkpoint
+from ddscore_jax.ddscore import BLOCKS, score_models
 from ddscore_jax.errors import InputError
-from ddscore_jax.score import BLOCKS, score_models
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddscore_jax import reference
-from ddscore_jax.score import block_scores, score_models, train_indices
+from ddscore_jax.ddscore import block_scores, score_models, train_indices
 
 # float64 on both sides; the closed form and the four steps agree to ~1e-15 (docs/method.md).
 SCORE_RTOL = 1e-9
