@@ -137,13 +137,15 @@ def test_features_stop_after_the_last_block_asked_for():
     x = images(1, 32, seed=0)
 
     def convs(**kw) -> int:
-        return str(jax.make_jaxpr(lambda v: model.apply(config, state, v, **kw))(x)).count(
-            "conv_general_dilated")
+        # A convolution with fewer output positions than taps is a matrix product
+        # (model.conv_op): at 32 px, layer3's 3x3 convs and layer4's; fc is one more.
+        jaxpr = str(jax.make_jaxpr(lambda v: model.apply(config, state, v, **kw))(x))
+        return jaxpr.count("conv_general_dilated") + jaxpr.count("dot_general")
 
     # resnet34 has 6 conv4_x blocks: stopping after 2 never computes the other 4 (8 convs),
-    # nor layer4 (3 blocks, 7 convs); logits compute everything (36 convs).
+    # nor layer4 (3 blocks, 7 convs); logits compute everything (36 convs and fc).
     assert convs(stop_at=2) == 1 + 2 * (3 + 4 + 2) + 2
-    assert convs(logits=True) == 36
+    assert convs(logits=True) == 36 + 1
     full = apply(config, state, x, stop_at=None)
     two = apply(config, state, x, stop_at=2)
     assert sorted(full) == model.block_names(config) and sorted(two) == list(BLOCKS)
@@ -288,3 +290,31 @@ def test_an_old_format_zoo_is_refused_with_the_command_that_rebuilds_it(tmp_path
         assert "older ddscore-jax" in line and "ddscore-jax convert" in line, line
         assert str((tmp_path / "net.pth").resolve()) in line
     assert (old / "zoo.json").read_text() == before
+
+
+@pytest.mark.parametrize("cin,cout,size,stride,hw", [
+    (16, 24, 3, 1, 1), (16, 24, 3, 1, 2), (16, 24, 3, 2, 2), (16, 24, 3, 2, 4),
+    (8, 12, 7, 2, 4), (16, 24, 3, 1, 5)])
+def test_small_map_convolutions_are_the_convolution(cin, cout, size, stride, hw):
+    # conv_op computes a convolution with fewer output positions than taps as a matrix product
+    # (XLA:CPU runs its operand-swapped form in a naive loop); value and both gradients must
+    # be lax's. The last case (25 outputs > 9 taps) is lax's own convolution.
+    rng = np.random.default_rng(hw * 10 + stride)
+    x = rng.normal(size=(4, hw, hw, cin)).astype(np.float32)
+    w = rng.normal(size=(size, size, cin, cout)).astype(np.float32)
+    pad = ((size // 2, size // 2),) * 2
+
+    def lax(a, b):
+        return jax.lax.conv_general_dilated(a, b, (stride, stride), pad,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def ours(a, b):
+        return model.conv_op(a, b, (stride, stride), pad)
+
+    want, want_vjp = jax.vjp(lax, x, w)
+    got, got_vjp = jax.vjp(ours, x, w)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-6
+    g = rng.normal(size=want.shape).astype(np.float32)
+    for a, b in zip(got_vjp(g), want_vjp(g), strict=True):
+        assert rel_err(a, b) < 1e-6
