@@ -2,7 +2,8 @@
 place that turns exceptions into exit codes (docs/interface.md).
 
 Option defaults are read from the library's settings classes (:mod:`ddscore_jax.settings`,
-:class:`ddscore_jax.finetune.Settings`), never typed here; choices are ``Literal`` types, so
+:class:`ddscore_jax.finetune.Settings`, :class:`ddscore_jax.evaluate.Settings`), never typed here,
+and their ``check`` is the one validation of the values; choices are ``Literal`` types, so
 ``--help`` lists them and Click refuses others with exit 2.
 """
 
@@ -48,7 +49,7 @@ JsonOpt = Annotated[str | None, typer.Option(
 FractionOpt = Annotated[float, typer.Option(
     help="Fraction of the images the score uses (a seeded random subset).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of that subset: the same seed repeats exactly.")]
-BatchOpt = Annotated[int, typer.Option(help="Images per forward batch.", min=1)]
+BatchOpt = Annotated[int, typer.Option(help="Images per forward batch.")]
 SizeOpt = Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")]
 _HEAD_METRICS = [name for name, m in METRICS.items() if m.needs_head]
 MetricOpt = Annotated[list[str], typer.Option(
@@ -62,9 +63,10 @@ EngineOpt = Annotated[Engine, typer.Option(
     help="Forward engine: auto (onnxruntime for a float32 forward on CPU when installed, else "
          "jax), jax, or onnxruntime (the [cpu] extra).")]
 WorkersOpt = Annotated[int | None, typer.Option(
-    help="Image decode threads (default: one per core, at most 8); 0 decodes inline.", min=0)]
+    help="Image decode threads (default: one per core, at most 8); 0 decodes inline.")]
 CacheDirOpt = Annotated[Path | None, typer.Option(
-    help="Feature cache folder [default: ~/.cache/ddscore-jax/features].")]
+    help="Feature cache folder [default: features/ in $DDSCORE_JAX_CACHE, else in "
+         "~/.cache/ddscore-jax].")]
 
 
 class OneLineUsageErrors(typer.core.TyperGroup):

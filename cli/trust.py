@@ -1,7 +1,7 @@
 """``finetune`` and ``evaluate``: the ground truth for a ranking, and how well a ranking matches it.
 
-Registered on the root app by :func:`register`. Option defaults and choices are those of
-:class:`ddscore_jax.finetune.Settings`.
+Registered on the root app by :func:`register`. Option defaults, choices and validation are those
+of :class:`ddscore_jax.finetune.Settings` and :class:`ddscore_jax.evaluate.Settings`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ddscore_jax import evaluate as ev
 from ddscore_jax import finetune as ft
 from ddscore_jax.cli._common import Bars, JsonOpt, console, write_json
 from ddscore_jax.train import Optimizer, Schedule
 
-_D = ft.Settings  # the defaults
+_D, _EV = ft.Settings, ev.Settings  # every option default is read from these
 
 
 def register(app: typer.Typer) -> None:
@@ -36,8 +37,7 @@ def finetune(
     image_size: Annotated[int, typer.Option(
         help="Images are resized to SIZE x SIZE (small by default: fine-tuning a zoo on a CPU "
              "at 224 takes hours).")] = _D.image_size,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.", min=1)
-                          ] = _D.batch_size,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = _D.batch_size,
     epochs: Annotated[float, typer.Option(help="Passes over DATA/train.")] = _D.epochs,
     optimizer: Annotated[Optimizer, typer.Option(help="sgd is with momentum.")] = _D.optimizer,
     learning_rate: Annotated[list[float] | None, typer.Option(
@@ -101,8 +101,8 @@ def evaluate(
     ] = None,
     no_figure: Annotated[bool, typer.Option("--no-figure", help="Draw no figure.")] = False,
     bootstrap: Annotated[int, typer.Option(
-        help="Bootstrap replicates for the 95% intervals (over fine-tuning seeds, and over "
-             "targets for the means).", min=100)] = 1000,
+        help=f"Bootstrap replicates for the 95% intervals (over fine-tuning seeds, and over "
+             f"targets for the means); at least {ev.MIN_BOOTSTRAP}.")] = _EV.bootstrap,
     json_out: JsonOpt = None,
 ) -> None:
     """Compare rankings with fine-tuned accuracy: tau_w, Kendall tau, Pearson, rel@1, rel@3.
@@ -112,10 +112,9 @@ def evaluate(
     per target (and the means over targets), writes --json and a figure per target of scores
     against accuracy (error bars: the seeds' spread).
     """
-    from ddscore_jax import evaluate as ev
-
+    settings = ev.Settings(bootstrap=bootstrap).check()
     groups = ev.group_files(files)
-    summary = ev.evaluate_targets(groups, n_boot=bootstrap)
+    summary = ev.evaluate_targets(groups, n_boot=settings.bootstrap, seed=settings.seed)
     stat_names = ("tau_w", "Kendall tau", "Pearson", *(f"rel@{k}" for k in ev.REL_AT))
 
     def fmt(value: float | None, interval: tuple[float, float] | None, signed: bool) -> str:

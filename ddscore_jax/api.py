@@ -24,7 +24,7 @@ from ddscore_jax.forward import (
 from ddscore_jax.metrics import METRICS, score_all
 from ddscore_jax.metrics import Progress as ScoreProgress
 from ddscore_jax.model import SCORE_BLOCKS
-from ddscore_jax.settings import ExtractSettings, ScoreSettings
+from ddscore_jax.settings import Dtype, Engine, ExtractSettings, ScoreSettings
 from ddscore_jax.settings import to_json as settings_json
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,9 @@ def _warn_if_all_tie(ranked: list[ModelScore], n_images: int) -> None:
 
 def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike, *,
             batch_size: int = _E.batch_size, image_size: int = _E.image_size,
-            dtype: str = _E.dtype, workers: int | None = _E.workers,
+            dtype: Dtype = _E.dtype, workers: int | None = _E.workers,
             progress: Progress | None = None,
-            engine: str = _E.engine) -> list[Path]:
+            engine: Engine = _E.engine) -> list[Path]:
     """Write ``out/<model>.npz`` (docs/interface.md) for every zoo model; return the files."""
     ExtractSettings(batch_size, image_size, dtype, workers, engine).check()
     _output_folder(out)
@@ -197,9 +197,10 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          batch_size: int = _E.batch_size, image_size: int = _E.image_size,
          train_fraction: float = _S.train_fraction, seed: int = _S.seed,
          cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-         precision: str | None = None, dtype: str = _E.dtype, workers: int | None = _E.workers,
+         precision: str | None = None, dtype: Dtype = _E.dtype,
+         workers: int | None = _E.workers,
          metrics: Sequence[str] = _S.metrics, progress: Progress | None = None,
-         engine: str = _E.engine) -> Ranking:
+         engine: Engine = _E.engine) -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them by
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
     scoring = ScoreSettings(train_fraction, seed, tuple(metrics)).check()

@@ -42,9 +42,26 @@ from ddscore_jax.errors import InputError
 
 REL_AT = (1, 3)
 DEFAULT_METRIC = "ddscore"
-BOOTSTRAP = 1000  # replicates per interval
 CONFIDENCE = 0.95
-BOOTSTRAP_SEED = 0
+# Fewer replicates than this put a 95% percentile interval's ends on 2 or 3 draws each.
+MIN_BOOTSTRAP = 100
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How ``evaluate`` resamples: the defaults of the library's keywords and of the CLI's options,
+    and their validation (as :class:`ddscore_jax.finetune.Settings` is for ``finetune``)."""
+
+    bootstrap: int = 1000  # replicates per interval
+    seed: int = 0  # of the replicates: the same seed repeats every interval exactly
+
+    def check(self) -> Settings:
+        """``self``, or InputError naming the bad option."""
+        if self.bootstrap < MIN_BOOTSTRAP:
+            raise InputError(f"--bootstrap must be at least {MIN_BOOTSTRAP}, got {self.bootstrap}")
+        return self
+
+
 # Names for figure titles and tables; unknown metrics are shown as they are named.
 LABELS = {"ddscore": "D-deepscore", "hscore": "H-score", "shrinkage_hscore": "shrinkage H-score",
           "logme": "LogME", "transrate": "TransRate", "gbc": "GBC", "knn": "1-NN accuracy",
@@ -296,8 +313,9 @@ def _interval(values: np.ndarray) -> tuple[float, float] | None:
     return float(low), float(high)
 
 
-def accuracy_replicates(seed_accuracies: Mapping[str, np.ndarray], n_boot: int = BOOTSTRAP,
-                        seed: int = BOOTSTRAP_SEED) -> dict[str, np.ndarray]:
+def accuracy_replicates(seed_accuracies: Mapping[str, np.ndarray],
+                        n_boot: int = Settings.bootstrap,
+                        seed: int = Settings.seed) -> dict[str, np.ndarray]:
     """``{model: (n_boot,) bootstrap means of its seed accuracies}``: each replicate draws as many
     seeds as the model has, with replacement, independently per model."""
     rng = np.random.default_rng(seed)
@@ -314,7 +332,8 @@ def evaluate_metric(scores: dict[str, float],
                     metric: str = DEFAULT_METRIC,
                     rel_at: Sequence[int] = REL_AT, *,
                     replicates: Mapping[str, np.ndarray] | None = None,
-                    n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> MetricEvaluation:
+                    n_boot: int = Settings.bootstrap,
+                    seed: int = Settings.seed) -> MetricEvaluation:
     """Compare one metric's scores with accuracies over the models both have.
 
     ``accuracies[name]`` is one accuracy or one per fine-tuning seed; the statistics use the mean,
@@ -407,8 +426,8 @@ def _target_name(accuracies_path: str | os.PathLike, dataset: dict) -> str:
 
 
 def evaluate(scores_paths: Sequence[str | os.PathLike],
-             accuracies_path: str | os.PathLike, *, n_boot: int = BOOTSTRAP,
-             seed: int = BOOTSTRAP_SEED) -> Evaluation:
+             accuracies_path: str | os.PathLike, *, n_boot: int = Settings.bootstrap,
+             seed: int = Settings.seed) -> Evaluation:
     """Evaluate every metric of every SCORES file against the fine-tuned accuracies of one target,
     with bootstrap intervals over its fine-tuning seeds (shared by all metrics)."""
     if not scores_paths:
@@ -458,8 +477,8 @@ class Summary:
                 "better_mean_weighted_tau": [list(p) for p in self.better]}
 
 
-def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = BOOTSTRAP,
-              seed: int = BOOTSTRAP_SEED) -> Summary:
+def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = Settings.bootstrap,
+              seed: int = Settings.seed) -> Summary:
     """Means over targets of every statistic, with intervals from resampling the targets (and,
     inside each target drawn, its seed replicate). All metrics share the target draws."""
     metrics: list[str] = []
@@ -505,9 +524,10 @@ def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = BOOTSTRAP,
 
 
 def evaluate_targets(groups: Sequence[tuple[Sequence[str | os.PathLike], str | os.PathLike]],
-                     *, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> Summary:
+                     *, n_boot: int = Settings.bootstrap, seed: int = Settings.seed) -> Summary:
     """:func:`evaluate` per target (its SCORES files and its ACCURACIES file), then
     :func:`summarize` over them. Target names (the data folder's name) are made unique."""
+    Settings(n_boot, seed).check()
     evaluations = [evaluate(scores, acc, n_boot=n_boot, seed=seed) for scores, acc in groups]
     names = [e.target for e in evaluations]
     for e in evaluations:

@@ -40,10 +40,9 @@ from ddscore_jax import cache, data, model, train, zoo
 from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ResNetConfig
+from ddscore_jax.settings import MIN_IMAGE_SIZE
 
 Progress = Callable[[str, int, int], None]
-OPTIMIZERS = train.OPTIMIZERS
-SCHEDULES = train.SCHEDULES
 RESULTS_KIND = "ddscore-jax finetune results"
 RESULTS_VERSION = 2
 HELD_OUT = "valid"
@@ -60,12 +59,12 @@ class Settings:
     image_size: int = 64
     batch_size: int = 32
     epochs: float = 10.0
-    optimizer: str = "adamw"
+    optimizer: train.Optimizer = "adamw"
     # The grid every model is tried at; its accuracy is that of the best rate (mean over seeds).
     learning_rates: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4  # fixed, not searched
-    schedule: str = "cosine"
+    schedule: train.Schedule = "cosine"
     clip_norm: float = 1.0
     flip: bool = False
     seeds: int = 1  # repeats per learning rate: seeds seed, seed + 1, ...
@@ -73,18 +72,18 @@ class Settings:
 
     def check(self) -> None:
         """InputError naming the first bad option."""
-        if self.image_size < 32:
-            raise InputError(f"--image-size must be at least 32 (5 stride-2 steps), "
-                             f"got {self.image_size}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} (5 stride-2 "
+                             f"steps), got {self.image_size}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not self.epochs > 0:
             raise InputError(f"--epochs must be positive, got {self.epochs}")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+        if self.optimizer not in train.OPTIMIZERS:
+            raise InputError(f"--optimizer must be one of {', '.join(train.OPTIMIZERS)}, "
                              f"got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, "
+        if self.schedule not in train.SCHEDULES:
+            raise InputError(f"--schedule must be one of {', '.join(train.SCHEDULES)}, "
                              f"got {self.schedule!r}")
         if not self.learning_rates or not all(lr > 0 for lr in self.learning_rates):
             raise InputError(f"--learning-rate must be positive (one or more), "

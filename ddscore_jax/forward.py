@@ -49,7 +49,8 @@ from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import SCORE_BLOCKS, ResNetConfig
-from ddscore_jax.settings import DTYPES
+from ddscore_jax.settings import DTYPES, Dtype, Engine
+from ddscore_jax.settings import ExtractSettings as _E  # the keyword defaults
 
 Progress = Callable[[str, int, int], None]  # (description, completed, total)
 HEADS = ("probabilities", "logits")
@@ -284,17 +285,17 @@ def extract_features(
     models: Sequence[LoadedModel],
     dataset: data.Dataset,
     *,
-    batch_size: int = 32,
-    image_size: int = 224,
+    batch_size: int = _E.batch_size,
+    image_size: int = _E.image_size,
     progress: Progress | None = None,
-    dtype: str = "float32",
-    workers: int | None = None,
+    dtype: Dtype = _E.dtype,
+    workers: int | None = _E.workers,
     prefetch: int = 2,
     partials: Sequence[PartialFeatures] | None = None,
     save_every: float = SAVE_EVERY,
     mesh: Mesh | None = None,
     strategy: str | None = None,
-    engine: str = "auto",
+    engine: Engine = _E.engine,
 ) -> list[dict[str, np.ndarray]]:
     """What every model asks for (:class:`LoadedModel`) on every image, from one decode pass:
     per model ``{output: (n, width) float32}`` (``"layer3.i"``: (n, d); ``"probabilities"`` or

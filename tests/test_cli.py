@@ -357,3 +357,74 @@ def test_help_lists_the_choices_and_click_refuses_others(workspace):
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
         line = error_line(refused)
         assert line.startswith(f"error: Invalid value for '{option}'") and value in line, line
+
+
+def test_every_option_default_and_choice_is_its_settings_objects():
+    """The CLI is built from the settings objects: each option of a setting has that field's
+    default and, for a ``Literal`` field, exactly its choices; every other option is plumbing
+    (paths, outputs, caching), so a default typed into the CLI has nowhere to hide."""
+    import dataclasses
+    import typing
+
+    import typer
+
+    from ddscore_jax import evaluate, finetune, settings
+    from ddscore_jax.cli.app import app
+
+    commands = typer.main.get_command(app).commands
+    plumbing = {"zoo_dir", "data_root", "out", "json_out", "cache_dir", "no_cache", "feats",
+                "files", "figure", "no_figure"}
+    # (settings class, {field: option} where the names differ, fields the CLI does not expose)
+    built_from = {
+        "extract": [(settings.ExtractSettings, {}, set())],
+        "score": [(settings.ScoreSettings, {"metrics": "metric"}, set())],
+        "rank": [(settings.ExtractSettings, {}, set()),
+                 (settings.ScoreSettings, {"metrics": "metric"}, set())],
+        "finetune": [(finetune.Settings, {"learning_rates": "learning_rate"}, set())],
+        "evaluate": [(evaluate.Settings, {}, {"seed"})],  # seeded: fixed, recorded in the docs
+    }
+    for command, sources in built_from.items():
+        options = {p.name: p for p in commands[command].params}
+        covered = set()
+        for cls, renamed, hidden in sources:
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.name in hidden:
+                    continue
+                name = renamed.get(f.name, f.name)
+                assert name in options, f"{command}: no option for {cls.__name__}.{f.name}"
+                option, covered = options[name], covered | {name}
+                if f.name == "learning_rates":  # repeatable; unset means the settings' grid
+                    assert option.default is None
+                    assert option.show_default == ", ".join(map(str, f.default))
+                elif isinstance(f.default, tuple):
+                    assert tuple(option.default) == f.default, (command, name)
+                else:
+                    assert option.default == f.default, (command, name, option.default)
+                if typing.get_origin(hints[f.name]) is typing.Literal:
+                    assert tuple(option.type_descriptor.choices) == typing.get_args(
+                        hints[f.name]), (command, name)
+        assert set(options) - covered <= plumbing, (command, set(options) - covered - plumbing)
+    # The options with a fixed set of values are Literals (listed by --help), not free strings.
+    for cls, name in ((settings.ExtractSettings, "dtype"), (settings.ExtractSettings, "engine"),
+                      (finetune.Settings, "optimizer"), (finetune.Settings, "schedule")):
+        assert typing.get_origin(typing.get_type_hints(cls)[name]) is typing.Literal, name
+
+
+def test_out_of_range_values_are_refused_by_the_settings_check(workspace, tmp_path):
+    """One validation per value, the settings object's: the same line from the CLI as from the
+    library, exit 2, before any work (no results file, no cache)."""
+    _, _, data, zoo = workspace
+    results = tmp_path / "r.json"
+    for args, line in (
+            (("rank", zoo, data, "--batch-size", "0", "--cache-dir", tmp_path / "c"),
+             "error: --batch-size must be at least 1, got 0"),
+            (("extract", zoo, data, "--out", tmp_path / "f", "--workers", "-1"),
+             "error: --workers must be at least 0, got -1"),
+            (("finetune", zoo, data, "--out", results, "--batch-size", "0"),
+             "error: --batch-size must be at least 1, got 0"),
+            (("evaluate", tmp_path / "s.json", results, "--bootstrap", "50"),
+             "error: --bootstrap must be at least 100, got 50")):
+        refused = invoke(*args)
+        assert refused.returncode == 2 and error_line(refused) == line, refused.stderr
+    assert list(tmp_path.iterdir()) == []
