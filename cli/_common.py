@@ -65,8 +65,8 @@ EngineOpt = Annotated[Engine, typer.Option(
 WorkersOpt = Annotated[int | None, typer.Option(
     help="Image decode threads (default: one per core, at most 8); 0 decodes inline.")]
 CacheDirOpt = Annotated[Path | None, typer.Option(
-    help="Feature cache folder [default: features/ in $DDSCORE_JAX_CACHE, else in "
-         "~/.cache/ddscore-jax].")]
+    help="Feature cache folder.",
+    show_default="features/ in $DDSCORE_JAX_CACHE, else in ~/.cache/ddscore-jax")]
 
 
 class OneLineUsageErrors(typer.core.TyperGroup):

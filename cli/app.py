@@ -222,8 +222,8 @@ def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
 @app.command()
 def demo(
     cache_dir: Annotated[Path | None, typer.Option(
-        help="Where the demo zoo and data are built [default: demo/ in $DDSCORE_JAX_CACHE, "
-             "else in ~/.cache/ddscore-jax].")] = None,
+        help="Where the demo zoo and data are built.",
+        show_default="demo/ in $DDSCORE_JAX_CACHE, else in ~/.cache/ddscore-jax")] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Build a small zoo and target set from packaged data (no downloads), then rank."""
