@@ -259,6 +259,10 @@ def test_a_second_rank_with_leep_decodes_nothing(tmp_path, monkeypatch):
     assert by_name["bottleneck"]["metrics"]["leep"] is not None
     # D-deepscore ranks 256-d and 1024-d models together.
     assert all(0 <= m["metrics"]["ddscore"] <= 2 for m in by_name.values())
+    # From an empty cache, features and probabilities come from one decode of each image.
+    fresh = api.rank(zoo_dir, data_dir, metrics=("leep", "nce", "ddscore"),
+                     **{**kw, "cache_dir": tmp_path / "cache2"})
+    assert len(decoded) == 24 and fresh.to_json()["models"] == first.to_json()["models"]
 
 
 def test_the_ragged_last_batch_does_not_recompile(tmp_path):

@@ -487,6 +487,40 @@ def test_finetune_bad_input_names_the_problem(workspace, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage", ["unreadable", "missing", "wrong_classes"])
+def test_a_bad_checkpoint_gets_the_same_line_from_rank_leep_and_finetune(workspace, tmp_path,
+                                                                         damage):
+    """Both load the source network through the zoo's one loader, so a checkpoint that cannot be
+    used is the same exit 2 and the same line naming it, whichever command meets it."""
+    import shutil
+
+    from helpers import cli_in_process as invoke
+
+    _, zoo_src, data = workspace
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(zoo_src, zoo_dir)
+    doc = json.loads((zoo_dir / "zoo.json").read_text())
+    full = next(m for m in doc["models"] if m["name"] == "r18_full")
+    checkpoint = zoo_dir / full["checkpoint"]
+    if damage == "unreadable":
+        for f in checkpoint.rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"not a checkpoint")
+    elif damage == "missing":
+        shutil.rmtree(checkpoint)
+    else:  # zoo.json says 10 classes; the checkpoint's classifier has another number
+        full["config"]["num_classes"] = 10
+        (zoo_dir / "zoo.json").write_text(json.dumps(doc))
+    ranked = invoke("rank", zoo_dir, data / "train", "--metric", "leep", "--image-size", SIZE,
+                    "--no-cache")
+    tuned = invoke("finetune", zoo_dir, data, "--out", tmp_path / "r.json", "--image-size", SIZE)
+    assert ranked.returncode == tuned.returncode == 2, (ranked.stderr, tuned.stderr)
+    line = error_line(ranked)
+    assert line == error_line(tuned) and str(checkpoint.resolve()) in line, (line, tuned.stderr)
+    assert "Traceback" not in ranked.stderr + tuned.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_evaluate_bad_input_exits_2(tmp_path):
     acc = _write(tmp_path / "acc.json", {"a": 0.5, "b": 0.7})
     missing = cli("evaluate", tmp_path / "nope.json", acc)
