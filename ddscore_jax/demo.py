@@ -57,20 +57,15 @@ OWNER = ".ddscore-jax-demo"
 SEED = 0
 # Every pre-training task gets PRETRAIN's 10 outputs (the largest task has 10 classes), so all
 # three models share one compiled train step; the unused logits of smaller tasks learn to stay low.
-CROP = sources.CROP  # texture crops, in source pixels, before resizing to DEMO_IMAGE_SIZE
-# Rows above this fraction of each texture image feed pre-training, rows below it the target, so
-# the target's pixels were never seen in training.
-TRAIN_ROWS = sources.TRAIN_ROWS
-TEXTURES = sources.TEXTURES
 # One surface only: with several, the surface type dominates every model's features and hides the
 # defects, and the ranking says more about the mix of surfaces than about the models.
 TARGET_SURFACE = "brick"
-TARGET_CLASSES = ("clean", "scratch", "spot")
 TARGET_PER_CLASS = 40
 TASK_SOURCES = {
     "digits": "scikit-learn load_digits(): 8x8 handwritten digits",
-    "textures": f"scikit-image bundled images {', '.join(TEXTURES)}: random {CROP}x{CROP} crops "
-                f"of the top {TRAIN_ROWS:.0%} of rows, one class per image",
+    "textures": f"scikit-image bundled images {', '.join(sources.TEXTURES)}: random "
+                f"{sources.CROP}x{sources.CROP} crops of the top {sources.TRAIN_ROWS:.0%} of rows, "
+                "one class per image",
     "faces": "scikit-image lfw_subset(): 25x25, 100 faces and 100 non-faces",
 }
 
@@ -102,26 +97,26 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 # Source and target images (ddscore_jax.sources), as uint8 grayscale arrays.
 
-Task = sources.Labelled
 
-
-def digits_task() -> Task:
+def digits_task() -> sources.Labelled:
     """scikit-learn's 1797 handwritten digits (8x8), 10 classes."""
     return sources.digits("all")
 
 
-def textures_task(per_class: int = 200, seed: int = SEED) -> Task:
-    """Random CROP x CROP crops of each bundled image's training rows; one class per image."""
-    return sources.picture_crops("textures", TEXTURES, "source", per_class, seed=seed)
+def textures_task(per_class: int = 200, seed: int = SEED) -> sources.Labelled:
+    """Random crops of each bundled texture's training rows (:func:`sources.picture_crops`); one
+    class per image."""
+    return sources.picture_crops("textures", sources.TEXTURES, "source", per_class, seed=seed)
 
 
-def faces_task() -> Task:
+def faces_task() -> sources.Labelled:
     """scikit-image's ``lfw_subset``: 200 images 25x25, the first 100 faces, the rest not."""
     return sources.faces("all")
 
 
-def target_images(per_class: int = TARGET_PER_CLASS, seed: int = SEED) -> Task:
-    """``clean`` / ``scratch`` / ``spot`` CROP x CROP crops of the held-out brick rows."""
+def target_images(per_class: int = TARGET_PER_CLASS, seed: int = SEED) -> sources.Labelled:
+    """``clean`` / ``scratch`` / ``spot`` crops (:data:`sources.DEFECT_CLASSES`) of the held-out
+    brick rows."""
     surface = sources.rows(sources.picture(TARGET_SURFACE), "target")
     return sources.defects([surface], per_class, np.random.default_rng(seed + 1))
 
@@ -133,11 +128,6 @@ def write_target(folder: Path, per_class: int = TARGET_PER_CLASS, seed: int = SE
         (folder / cls).mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(task.images[task.labels == c]):
             Image.fromarray(img, mode="L").save(folder / cls / f"{cls}_{i:03d}.png")
-
-
-def to_inputs(images: np.ndarray, image_size: int = DEMO_IMAGE_SIZE) -> np.ndarray:
-    """(n, h, w) uint8 -> (n, S, S, 3) float32, exactly as the ranking reads the PNG files."""
-    return sources.to_inputs(images, image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +146,8 @@ def trainer(config: DemoConfig) -> train.Trainer:
         weight_decay=0.0, schedule="constant"))
 
 
-params_sha256 = sources.params_digest
 
-
-def split_task(task: Task, test_fraction: float = 0.2,
+def split_task(task: sources.Labelled, test_fraction: float = 0.2,
                seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train_indices, test_indices) of a task."""
     perm = np.random.default_rng(seed).permutation(len(task.labels))
@@ -267,8 +255,9 @@ def _build(zoo_dir: Path, data_dir: Path, config: DemoConfig,
         steps = config.train_steps[task.name]
         report(description, 0, steps)
         train_idx, _ = split_task(task)
-        state, _ = pretrain.train(init_state(SEED + k), to_inputs(task.images[train_idx]),
-                                  task.labels[train_idx], steps, seed=SEED + k,
+        x = sources.to_inputs(task.images[train_idx], DEMO_IMAGE_SIZE)
+        state, _ = pretrain.train(init_state(SEED + k), x, task.labels[train_idx], steps,
+                                  seed=SEED + k,
                                   on_step=lambda i, t, d=description: report(d, i, t))
         recipe = {"data": TASK_SOURCES[task.name], "classes": list(task.classes),
                   "train_images": len(train_idx), "image_size": DEMO_IMAGE_SIZE,
@@ -299,5 +288,5 @@ def _addition(name: str, recipes: Path, recipe: dict,
     source = recipes / f"{name}.json"
     zoo.write_json_atomic(source, {"model": name, "arch": ARCH, **recipe})
     return zoo.Addition(name=name, source=source, source_format="demo",
-                        sha256=params_sha256(state_dict),
+                        sha256=sources.params_digest(state_dict),
                         model=ImportedModel(PRETRAIN, state_dict))

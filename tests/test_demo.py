@@ -28,9 +28,9 @@ def test_source_tasks_load_from_installed_packages():
     assert np.bincount(digits.labels).size == 10 and len(digits.classes) == 10
 
     textures = demo.textures_task(per_class=20)
-    assert textures.images.shape == (20 * len(demo.TEXTURES), demo.CROP, demo.CROP)
+    assert textures.images.shape == (20 * len(sources.TEXTURES), sources.CROP, sources.CROP)
     assert textures.images.dtype == np.uint8
-    np.testing.assert_array_equal(np.bincount(textures.labels), [20] * len(demo.TEXTURES))
+    np.testing.assert_array_equal(np.bincount(textures.labels), [20] * len(sources.TEXTURES))
 
     faces = demo.faces_task()
     assert faces.images.shape == (200, 25, 25) and faces.images.dtype == np.uint8
@@ -42,7 +42,7 @@ def test_pretraining_inputs_are_what_the_ranking_reads(tmp_path):
     crops = demo.textures_task(per_class=1).images[:3]
     for i, crop in enumerate(crops):
         Image.fromarray(crop, mode="L").save(tmp_path / f"{i}.png")
-    x = demo.to_inputs(crops, demo.DEMO_IMAGE_SIZE)
+    x = sources.to_inputs(crops, demo.DEMO_IMAGE_SIZE)
     assert x.shape == (3, demo.DEMO_IMAGE_SIZE, demo.DEMO_IMAGE_SIZE, 3) and x.dtype == np.float32
     for i in range(3):
         np.testing.assert_array_equal(x[i], data.load_image(tmp_path / f"{i}.png",
@@ -52,7 +52,7 @@ def test_pretraining_inputs_are_what_the_ranking_reads(tmp_path):
 def test_target_set_layout_and_defects(tmp_path):
     demo.write_target(tmp_path / "a")
     ds = data.scan(tmp_path / "a")
-    assert ds.classes == demo.TARGET_CLASSES
+    assert ds.classes == sources.DEFECT_CLASSES
     np.testing.assert_array_equal(np.bincount(ds.labels), [demo.TARGET_PER_CLASS] * 3)
 
     brick = sources.picture(demo.TARGET_SURFACE)
@@ -60,7 +60,7 @@ def test_target_set_layout_and_defects(tmp_path):
     assert lo > 0 and hi < 255  # so that a saturated pixel can only be a defect
     for path, label in zip(ds.paths, ds.labels, strict=True):
         img = np.asarray(Image.open(tmp_path / "a" / path))
-        assert img.shape == (demo.CROP, demo.CROP) and img.dtype == np.uint8
+        assert img.shape == (sources.CROP, sources.CROP) and img.dtype == np.uint8
         saturated = int(np.sum((img == 0) | (img == 255)))
         if ds.classes[label] == "clean":
             assert saturated == 0 and lo <= img.min() and img.max() <= hi, path
@@ -77,12 +77,11 @@ def test_pretraining_beats_chance_on_held_out_digits():
     task = demo.digits_task()
     train, test = demo.split_task(task)
     trainer = demo.trainer(demo.DemoConfig())
-    x = demo.to_inputs(task.images[train])
-    untrained = trainer.accuracy(demo.init_state(0), demo.to_inputs(task.images[test]),
-                                 task.labels[test])
+    x, x_test = (sources.to_inputs(task.images[i], demo.DEMO_IMAGE_SIZE) for i in (train, test))
+    untrained = trainer.accuracy(demo.init_state(0), x_test, task.labels[test])
     steps = demo.DemoConfig().train_steps["digits"]
     state, loss = trainer.train(demo.init_state(0), x, task.labels[train], steps, seed=0)
-    accuracy = trainer.accuracy(state, demo.to_inputs(task.images[test]), task.labels[test])
+    accuracy = trainer.accuracy(state, x_test, task.labels[test])
     # Chance is 0.1. Tested in eval mode, with BatchNorm's running statistics still partly at
     # their initial values after 30 steps (momentum 0.1): about 0.5 (the training loss says more).
     assert accuracy > 0.4 and accuracy > untrained + 0.3, (accuracy, untrained)
@@ -125,7 +124,8 @@ def _dead_pid() -> int:
 
 
 def _zoo_digests(zoo_dir: Path) -> dict[str, str]:
-    return {e.name: demo.params_sha256(zoo.load_state_dict(zoo_dir, e)) for e in zoo.read(zoo_dir)}
+    return {e.name: sources.params_digest(zoo.load_state_dict(zoo_dir, e))
+            for e in zoo.read(zoo_dir)}
 
 
 def test_cache_is_built_once_and_rebuilt_when_incomplete(tmp_path):
@@ -166,7 +166,7 @@ def test_cache_is_built_once_and_rebuilt_when_incomplete(tmp_path):
         recipe = json.loads((zoo_dir / e.source).read_text())
         assert recipe["model"] == e.name
     ds = data.scan(data_dir)
-    assert ds.classes == demo.TARGET_CLASSES and len(ds) == 3 * demo.TARGET_PER_CLASS
+    assert ds.classes == sources.DEFECT_CLASSES and len(ds) == 3 * demo.TARGET_PER_CLASS
 
     # Complete: the second call returns at once, building nothing.
     stamp = os.stat(zoo_dir / zoo.ZOO_FILE).st_mtime_ns
