@@ -16,14 +16,13 @@ from ddscore_jax.ddscore import ModelScore, precision_for, train_indices
 from ddscore_jax.errors import InputError, readable
 from ddscore_jax.forward import (
     LoadedModel,
-    Progress,
     extract_features,
     load_features,
     save_features,
 )
 from ddscore_jax.metrics import METRICS, score_all
-from ddscore_jax.metrics import Progress as ScoreProgress
 from ddscore_jax.model import SCORE_BLOCKS
+from ddscore_jax.progress import Progress
 from ddscore_jax.settings import Dtype, Engine, ExtractSettings, ScoreSettings
 from ddscore_jax.settings import to_json as settings_json
 
@@ -138,7 +137,7 @@ def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str |
 
 def score(feats_dir: str | os.PathLike, *, train_fraction: float = _S.train_fraction,
           seed: int = _S.seed, precision: str | None = None,
-          metrics: Sequence[str] = _S.metrics, progress: ScoreProgress | None = None) -> Ranking:
+          metrics: Sequence[str] = _S.metrics, progress: Progress | None = None) -> Ranking:
     """D-deepscore (or ``metrics``) of every ``*.npz`` feature file in ``feats_dir`` (all from one
     data set). Metrics that need the source classifier (LEEP, NCE) need ``rank``. ``progress``
     hears when the metrics compile (once per feature shape, all metrics together) and run."""

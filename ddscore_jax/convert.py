@@ -24,7 +24,7 @@ from ddscore_jax.converters import (
 )
 from ddscore_jax.converters.files import HUB_CONFIG, checkpoint_suffix, model_folder_weights
 from ddscore_jax.errors import InputError
-from ddscore_jax.forward import Progress
+from ddscore_jax.progress import Progress
 
 # In a folder of checkpoints a bare ".tar" is more often a data archive than a checkpoint.
 _FOLDER_SKIPS = (".tar",)

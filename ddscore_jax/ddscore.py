@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The feature points D-deepscore averages: model.SCORE_BLOCKS (docs/method.md).
+from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
+from ddscore_jax.settings import ScoreSettings
 
 RCOND = 1e-10  # the reference's pinv cut-off
-BLOCKS = ("layer3.0", "layer3.1")  # the feature points D-deepscore averages
 
 
 def precision_for(backend: str | None = None) -> str:
@@ -109,9 +111,9 @@ def score_models(
     features: Mapping[str, Mapping[str, np.ndarray]],
     labels: np.ndarray,
     *,
-    train_fraction: float = 0.8,
-    seed: int = 0,
-    blocks: Sequence[str] = BLOCKS,
+    train_fraction: float = ScoreSettings.train_fraction,
+    seed: int = ScoreSettings.seed,
+    blocks: Sequence[str] = SCORE_BLOCKS,
     precision: str | None = None,
     metric: Callable[..., np.ndarray] = block_scores,
 ) -> list[ModelScore]:

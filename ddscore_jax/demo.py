@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from PIL import Image
 from ddscore_jax import cache, model, sources, train, zoo
 from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
+from ddscore_jax.progress import Progress
 
 DEMO_IMAGE_SIZE = 32
 # Bump when anything that changes the zoo or the target changes: an older cache is then rebuilt.
@@ -68,9 +68,6 @@ TASK_SOURCES = {
                 "one class per image",
     "faces": "scikit-image lfw_subset(): 25x25, 100 faces and 100 non-faces",
 }
-
-Progress = Callable[[str, int, int], None]
-
 
 @dataclass(frozen=True)
 class DemoConfig:

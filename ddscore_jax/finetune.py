@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -40,9 +39,9 @@ from ddscore_jax import cache, data, model, train, zoo
 from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ResNetConfig
+from ddscore_jax.progress import Progress
 from ddscore_jax.settings import MIN_IMAGE_SIZE
 
-Progress = Callable[[str, int, int], None]
 RESULTS_KIND = "ddscore-jax finetune results"
 RESULTS_VERSION = 2
 HELD_OUT = "valid"

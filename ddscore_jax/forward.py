@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -49,10 +49,10 @@ from ddscore_jax.atomic import atomic_path, fault_point
 from ddscore_jax.cache import PartialFeatures
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import SCORE_BLOCKS, ResNetConfig
+from ddscore_jax.progress import Progress
 from ddscore_jax.settings import DTYPES, Dtype, Engine
 from ddscore_jax.settings import ExtractSettings as _E  # the keyword defaults
 
-Progress = Callable[[str, int, int], None]  # (description, completed, total)
 HEADS = ("probabilities", "logits")
 SAVE_EVERY = 30.0  # seconds between saves of an extraction's progress
 

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddscore_jax.ddscore import (
-    BLOCKS,
     RCOND,
     ModelScore,
     _block_score,
@@ -33,7 +32,10 @@ from ddscore_jax.ddscore import (
     train_indices,
 )
 from ddscore_jax.ddscore import block_scores as ddscore
+from ddscore_jax.model import SCORE_BLOCKS
+from ddscore_jax.progress import Progress
 from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
+from ddscore_jax.settings import ScoreSettings
 
 TRANSRATE_EPS = 1e-4  # the distortion of TransRate's coding rate (eps^2 of the paper, see docs)
 LOGME_TOL = 1e-10  # relative change of alpha and beta at which the fixed point counts as reached
@@ -71,7 +73,6 @@ def _encode_labels(labels: np.ndarray, n: int, dtype, *, min_classes: int = 2) -
     return _Labels(jnp.asarray(onehot), jnp.asarray(members), jnp.asarray(mask))
 
 
-Progress = Callable[[str, int, int], None]  # (description, completed, total), as extract's
 _COMPILED_KEEP = 32  # compiled programs kept in memory (one per metric set and shape)
 _compiled: OrderedDict[tuple, Callable] = OrderedDict()
 
@@ -621,9 +622,9 @@ def score_all(
     metrics: Sequence[str],
     *,
     head_probs: Mapping[str, np.ndarray | None] | None = None,
-    train_fraction: float = 0.8,
-    seed: int = 0,
-    blocks: Sequence[str] = BLOCKS,
+    train_fraction: float = ScoreSettings.train_fraction,
+    seed: int = ScoreSettings.seed,
+    blocks: Sequence[str] = SCORE_BLOCKS,
     precision: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, ModelScore]]:
@@ -679,9 +680,9 @@ def score_models(
     labels: np.ndarray,
     *,
     metric: str,
-    train_fraction: float = 0.8,
-    seed: int = 0,
-    blocks: Sequence[str] = BLOCKS,
+    train_fraction: float = ScoreSettings.train_fraction,
+    seed: int = ScoreSettings.seed,
+    blocks: Sequence[str] = SCORE_BLOCKS,
     precision: str | None = None,
 ) -> list[ModelScore]:
     """Score every model with one metric; returns them ranked, best first.

@@ -32,8 +32,9 @@ from onnx_exports import (
 
 from ddscore_jax import model
 from ddscore_jax.converters import load_checkpoint
-from ddscore_jax.ddscore import BLOCKS, score_models
+from ddscore_jax.ddscore import score_models
 from ddscore_jax.errors import InputError
+from ddscore_jax.model import SCORE_BLOCKS as BLOCKS
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
