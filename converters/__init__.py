@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.converters._safety import check_parameters
 from ddscore_jax.converters.files import (
     HUB_WEIGHTS,
@@ -24,6 +23,7 @@ from ddscore_jax.converters.files import (
     read_tensors,
 )
 from ddscore_jax.errors import InputError
+from ddscore_jax.model import ImportedModel
 
 
 @dataclass
@@ -76,5 +76,5 @@ def load_checkpoint(path: Path) -> ImportedModel:
     return load_source(path).model
 
 
-__all__ = ["ImportedModel", "Loaded", "load_checkpoint", "load_source", "checkpoint_stem",
+__all__ = ["Loaded", "load_checkpoint", "load_source", "checkpoint_stem",
            "is_model_folder", "SUFFIXES"]

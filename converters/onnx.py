@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from ddscore_jax import model
-from ddscore_jax.converters._common import ImportedModel, first_line
+from ddscore_jax.converters._common import first_line
 from ddscore_jax.errors import InputError
-from ddscore_jax.model import ResNetConfig
+from ddscore_jax.model import ImportedModel, ResNetConfig
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # Operators folded when all their inputs are constant: the plumbing exporters put around weights

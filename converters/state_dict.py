@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ddscore_jax.converters import arch, layouts
-from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.converters._safety import check_float_dtypes
+from ddscore_jax.model import ImportedModel
 
 
 def import_state_dict(tensors: Mapping[str, Any], source: str,

@@ -35,8 +35,8 @@ from flax import nnx
 from PIL import Image
 
 from ddscore_jax import cache, model, sources, train, zoo
-from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
+from ddscore_jax.model import ImportedModel
 from ddscore_jax.progress import Progress
 
 DEMO_IMAGE_SIZE = 32

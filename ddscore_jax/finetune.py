@@ -36,9 +36,8 @@ import numpy as np
 from flax import nnx
 
 from ddscore_jax import cache, data, model, train, zoo
-from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
-from ddscore_jax.model import ResNetConfig
+from ddscore_jax.model import ImportedModel, ResNetConfig
 from ddscore_jax.progress import Progress
 from ddscore_jax.settings import MIN_IMAGE_SIZE
 

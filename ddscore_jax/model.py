@@ -166,6 +166,21 @@ def block_names(config: ResNetConfig, stop_at: int | None = None) -> list[str]:
     return [f"{FEATURE_STAGE}.{i}" for i in range(config.depths[2])][:stop_at]
 
 
+@dataclass
+class ImportedModel:
+    """One imported checkpoint, as every converter returns it and the zoo stores it: its
+    architecture and its own parameters as the canonical state dict (the contract above), checked
+    against the config."""
+
+    config: ResNetConfig
+    state_dict: StateDict
+
+    @property
+    def arch(self) -> str:
+        """The display name (``resnet50``, ``resnet18d``, ...)."""
+        return self.config.name
+
+
 # --- Layers --------------------------------------------------------------------------------------
 
 class Identity(nnx.Module):

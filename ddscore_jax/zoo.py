@@ -37,9 +37,8 @@ from flax import traverse_util
 
 from ddscore_jax import interrupts, lock, model
 from ddscore_jax.atomic import atomic_path, fault_point
-from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
-from ddscore_jax.model import ResNetConfig
+from ddscore_jax.model import ImportedModel, ResNetConfig
 
 ZOO_FILE = "zoo.json"
 CHECKPOINTS = "checkpoints"

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ddscore_jax import api, cache, data, model, zoo
-from ddscore_jax.converters._common import ImportedModel
+from ddscore_jax.model import ImportedModel
 
 SIZE = 32
 BLOCKS = ("layer3.0", "layer3.1")

@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from ddscore_jax import cache, data, model, pipeline, zoo
-from ddscore_jax.converters._common import ImportedModel
 from ddscore_jax.errors import InputError
 from ddscore_jax.forward import (
     LoadedModel,
@@ -27,6 +26,7 @@ from ddscore_jax.forward import (
     batch_mesh,
     extract_features,
 )
+from ddscore_jax.model import ImportedModel
 
 SIZE = 32  # the smallest image size the ResNet takes (5 stride-2 steps)
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pytest
 from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
 
 from ddscore_jax import api, atomic, cache, model, zoo
-from ddscore_jax.converters._common import ImportedModel
+from ddscore_jax.model import ImportedModel
 
 SIZE = "32"
 RANK = ("--image-size", SIZE, "--batch-size", "2")

@@ -269,7 +269,7 @@ def test_finetuning_network_keeps_the_source_and_adds_what_it_lacks(tmp_path):
             np.testing.assert_array_equal(sd[key], value, err_msg=key)
     assert not sd["fc.weight"].any() and not sd["fc.bias"].any()
 
-    backbone = zoo.ImportedModel(imported.config.backbone(),
+    backbone = model.ImportedModel(imported.config.backbone(),
                                  {k: v for k, v in imported.state_dict.items()
                                   if not k.startswith(("layer4.", "fc."))})
     config, state, pretrained = ft.network(backbone, 3, seed=7)
@@ -301,7 +301,7 @@ def workspace(tmp_path_factory):
     assert cli("convert", root / "r18_full.pth", "--zoo", zoo_dir).returncode == 0
     backbone = model.CONFIGS["resnet18"].backbone()
     zoo.add(zoo_dir, [zoo.Addition("r18_backbone", root / "none", "demo", "1" * 64,
-                                   zoo.ImportedModel(backbone,
+                                   model.ImportedModel(backbone,
                                                      model.init_state_dict(backbone, 4)))])
     data = root / "data"
     write_image_folder(data / "train", per_class=11, classes=CLASSES, seed=1)
