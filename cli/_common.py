@@ -32,6 +32,7 @@ from rich.progress import (
 )
 
 from ddscore_jax import interrupts
+from ddscore_jax.atomic import write_json_atomic
 from ddscore_jax.errors import InputError, environment_message, os_error_in_text
 from ddscore_jax.metrics import METRICS
 from ddscore_jax.settings import Dtype, Engine
@@ -132,8 +133,6 @@ def write_json(doc: object, dest: str | None) -> None:
     if dest == "-":
         print(text)
         return
-    from ddscore_jax.zoo import write_json_atomic
-
     path = Path(dest)
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist")

@@ -9,6 +9,7 @@ does nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -85,6 +86,13 @@ def atomic_path(path: str | os.PathLike, *, step: str = "file") -> Iterator[Path
         raise
     fault_point(f"{step}:replaced")
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, doc: object, *, step: str = "json") -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    with atomic_path(path, step=step) as tmp, open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
 
 
 _FAULT = re.compile(r"^(?P<step>[\w.:-]+?)(?:@(?P<nth>\d+))?(?:=(?P<sig>[A-Z]+))?$")

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ddscore_jax import cache, model, sources, train, zoo
+from ddscore_jax import atomic, cache, model, sources, train, zoo
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel
 from ddscore_jax.progress import Progress
@@ -227,7 +227,7 @@ def prepare_demo(cache_dir: Path | None = None, progress: Progress | None = None
             if final.exists():
                 shutil.rmtree(final)
             (build / final.name).rename(final)
-        zoo.write_json_atomic(cache_dir / MARKER, _marker_doc(config))
+        atomic.write_json_atomic(cache_dir / MARKER, _marker_doc(config))
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return zoo_dir, data_dir
@@ -283,7 +283,7 @@ def _addition(name: str, recipes: Path, recipe: dict,
     # The zoo records a source file per model; for a demo model that is a small JSON file inside
     # the zoo saying how it was made (the zoo stores it relative to itself, so it moves along).
     source = recipes / f"{name}.json"
-    zoo.write_json_atomic(source, {"model": name, "arch": ARCH, **recipe})
+    atomic.write_json_atomic(source, {"model": name, "arch": ARCH, **recipe})
     return zoo.Addition(name=name, source=source, source_format="demo",
                         sha256=sources.params_digest(state_dict),
                         model=ImportedModel(PRETRAIN, state_dict))

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from ddscore_jax import cache, data, model, train, zoo
+from ddscore_jax import atomic, cache, data, model, train, zoo
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel, ResNetConfig
 from ddscore_jax.progress import Progress
@@ -290,7 +290,7 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     refresh()
     if not todo:
         if json.dumps(doc["models"], sort_keys=True) != before:
-            zoo.write_json_atomic(results, doc)
+            atomic.write_json_atomic(results, doc)
         return doc
 
     cache.enable_compilation_cache()
@@ -328,5 +328,5 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
             "held_out_fingerprint": held_fp,
         })
         refresh()
-        zoo.write_json_atomic(results, doc)
+        atomic.write_json_atomic(results, doc)
     return doc

@@ -36,7 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from ddscore_jax import interrupts, lock, model
-from ddscore_jax.atomic import atomic_path, fault_point
+from ddscore_jax.atomic import fault_point, write_json_atomic
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel, ResNetConfig
 
@@ -131,13 +131,6 @@ def read_nonempty(zoo: str | os.PathLike) -> list[ZooEntry]:
     if not entries:
         raise InputError(f"{Path(zoo) / ZOO_FILE}: the zoo has no models")
     return entries
-
-
-def write_json_atomic(path: Path, doc: object, *, step: str = "json") -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    with atomic_path(path, step=step) as tmp, open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
 
 
 def _checkpointer():
