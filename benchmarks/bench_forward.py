@@ -2,9 +2,10 @@
 first-call warm-up excluded). Three modes:
 
 - ``engines`` (default): ddscore-jax's JAX engine (``ZooForward``, XLA), its onnxruntime engine
-  (``ZooForward(engine="onnxruntime")``, the graph built from the zoo's own parameters), torch
-  eager on the same truncated network, and onnxruntime on torch's own ONNX export of it (the
-  issue 11 reference). Features are checked equal to torch's before any speed is quoted.
+  (``ZooForward(engine="onnxruntime")``, the graph built from the zoo's own parameters), torch eager
+  on the same truncated network, and onnxruntime on torch's own ONNX export of it (the reference an
+  onnxruntime engine must at least match). Features are checked equal to torch's before any speed is
+  quoted.
 - ``xla-flags``: the JAX engine under several ``XLA_FLAGS`` (they are read once per process, so
   each runs in its own child process; children alternate, A B C A B C ...), against the
   onnxruntime engine in a child of its own.
@@ -68,7 +69,7 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _torch_export_session(net, size: int):
-    """onnxruntime on torch's own ONNX export of the truncated network (issue 11's reference)."""
+    """onnxruntime on torch's own ONNX export of the truncated network (the reference)."""
     import onnxruntime as ort
     import torch
 

@@ -6,7 +6,7 @@ reports its own peak resident set size (``ru_maxrss``). Only the features grow w
 streamed through a few batch buffers.
 
     python benchmarks/bench_memory.py --sizes 128 512 1024 --image-size 224
-    # a mixed zoo of 10 (issue 8), each engine:
+    # a mixed zoo of 10 models, each engine:
     python benchmarks/bench_memory.py --sizes 128 --zoo resnet18:4,resnet50:3,resnext50_32x4d:2,\
 resnet18d:1 --engine jax
 """

@@ -1,6 +1,6 @@
-"""The onnxruntime engine (issue 11): the ONNX graph built from the zoo's own parameters gives the
-source library's features and logits, and the JAX forward's, to float32 rounding, for every ResNet
-v1 variant the model covers."""
+"""The onnxruntime engine (docs/extraction.md): the ONNX graph built from the zoo's own parameters
+gives the source library's features and logits, and the JAX forward's, to float32 rounding, for
+every ResNet v1 variant the model covers."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Hostile inputs and a hostile environment (issue 12): one line and exit 2, no hang, no silently
-wrong ranking. Process-level behaviour (blocking, exit, memory, disks) runs the real CLI or a real
-child process; the rest runs in-process."""
+"""Hostile inputs and a hostile environment: one line and exit 2 (docs/interface.md), no hang, no
+silently wrong ranking. Process-level behaviour (blocking, exit, memory, disks) runs the real CLI or
+a real child process; the rest runs in-process."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def test_a_failed_orbax_save_leaves_nothing(files, old_zoo, tmp_path):
     result = subprocess.run(
         [exe, "convert", root / "more", "--zoo", zoo_dir], capture_output=True, text=True,
         timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20,) * 2))
-    assert result.returncode in (1, 2), result.stderr  # the message is issue 12's other half
+    assert result.returncode in (1, 2), result.stderr  # which line: test_faults_input.py
     assert (zoo_dir / "zoo.json").read_bytes() == before
     assert_at_rest(zoo_dir)
 
