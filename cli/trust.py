@@ -159,10 +159,8 @@ def evaluate(
         console.print(table)
         for a, b in summary.better:
             console.print(f"  over the targets, {ev.label(a)} ranks better than {ev.label(b)}")
-    if len(summary.targets) == 1:
-        doc = summary.targets[0].to_json()
-    else:
-        doc = summary.to_json()
+    doc = summary.targets[0].to_json() if len(summary.targets) == 1 else summary.to_json()
+    doc["settings"] = settings.to_json()
     if not no_figure:
         paths = []
         for (_, accuracies), result in zip(groups, summary.targets, strict=True):

@@ -61,6 +61,10 @@ class Settings:
             raise InputError(f"--bootstrap must be at least {MIN_BOOTSTRAP}, got {self.bootstrap}")
         return self
 
+    def to_json(self) -> dict:
+        """The ``settings`` block of ``evaluate --json``: what the intervals were drawn with."""
+        return {"bootstrap": self.bootstrap, "seed": self.seed, "confidence": CONFIDENCE}
+
 
 # Names for figure titles and tables; unknown metrics are shown as they are named.
 LABELS = {"ddscore": "D-deepscore", "hscore": "H-score", "shrinkage_hscore": "shrinkage H-score",

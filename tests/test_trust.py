@@ -191,6 +191,7 @@ def test_evaluate_cli_two_targets_with_seeds(tmp_path):
     run = cli("evaluate", *files, "--figure", figures, "--bootstrap", "200", "--json", "-")
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
+    assert doc["settings"] == {"bootstrap": 200, "seed": 0, "confidence": 0.95}
     assert [t["target"] for t in doc["targets"]] == ["tiles", "pcb"]
     for t in doc["targets"]:
         for m in t["metrics"]:
