@@ -213,7 +213,8 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
     if use_cache:
         _output_folder(cache_dir)
-    fingerprint = cache.dataset_fingerprint(dataset)
+    # The fingerprint stats every image: only a cached rank needs it.
+    fingerprint = cache.dataset_fingerprint(dataset) if use_cache else ""
     n = len(dataset)
     # LEEP/NCE read the source classifier: only models whose checkpoint has one (fc) get it.
     want_head = any(METRICS[m].needs_head for m in metrics)

@@ -171,3 +171,17 @@ def test_an_interrupted_rank_resumes(workspace):
     assert scores(resumed) == scores(clean)
     assert not list(cache_dir.glob("*.partial"))
     assert len(list(cache_dir.glob("*.npz"))) == 2
+
+
+def test_no_cache_neither_fingerprints_the_data_nor_writes(workspace, monkeypatch):
+    # The data fingerprint stats every image; a rank that uses no cache has no use for it.
+    zoo_dir, data_dir, cache_dir = workspace
+    fingerprinted = []
+    real = cache.dataset_fingerprint
+    monkeypatch.setattr(cache, "dataset_fingerprint",
+                        lambda ds: fingerprinted.append(len(ds)) or real(ds))
+    uncached = rank(workspace, use_cache=False)
+    assert fingerprinted == [] and not cache_dir.exists()
+    cached = rank(workspace)
+    assert fingerprinted == [6]
+    assert scores(uncached) == scores(cached)
