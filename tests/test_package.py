@@ -18,3 +18,35 @@ def test_no_module_is_shadowed_by_a_name_in_the_package():
         assert bound is module, f"ddscore_jax.{name} is {bound!r}, not the module {module.__name__}"
     for public in ddscore_jax.__all__[1:]:
         assert not isinstance(getattr(ddscore_jax, public), types.ModuleType), public
+
+
+def test_every_module_the_package_imports_is_a_declared_dependency():
+    """What ``pip install ddscore-jax[extras]`` installs covers every import of the package,
+    lazy ones inside functions included (scipy was once imported at run time but declared only
+    for the tests). The ``test`` extra does not count."""
+    import ast
+    import re
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = {k: v for k, v in project["optional-dependencies"].items() if k != "test"}
+    declared = {re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+                for req in project["dependencies"] + sum(extras.values(), [])}
+    imported = set()
+    for folder in ("ddscore_jax", "converters", "cli"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"ddscore_jax", "__future__"}
+    assert "scipy" in third_party  # the check sees lazy imports
+    distributions = packages_distributions()
+    for name in sorted(third_party):
+        dists = {d.lower().replace("_", "-") for d in distributions.get(name, [name])}
+        assert dists & declared, f"{name} (from {sorted(dists)}) is not a declared dependency"
