@@ -166,6 +166,7 @@ def test_cli_engine_switch(tmp_path):
     """``extract --engine`` through the real CLI: both engines write the same features; an
     unknown engine is one line and exit code 2, with nothing written."""
     from helpers import cli, error_line, save_pth, torch_resnet
+    from helpers import cli_in_process as invoke
 
     ckpt = save_pth(torch_resnet("resnet18", seed=7), tmp_path / "r18.pth")
     zoo_dir, images = tmp_path / "zoo", write_image_folder(tmp_path / "images", per_class=2)
@@ -180,7 +181,7 @@ def test_cli_engine_switch(tmp_path):
             feats[engine] = {k: z[k] for k in ("layer3.0", "layer3.1")}
     for k in feats["jax"]:
         assert rel_err(feats["onnxruntime"][k], feats["jax"][k]) < FEATURE_RTOL
-    r = cli("extract", zoo_dir, images, "--out", tmp_path / "bad", "--engine", "tensorrt")
+    r = invoke("extract", zoo_dir, images, "--out", tmp_path / "bad", "--engine", "tensorrt")
     assert r.returncode == 2
     # A listed choice (--help shows them): Click refuses it, in one line.
     assert error_line(r).startswith("error: Invalid value for '--engine'"), r.stderr

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import cli, error_line, rel_err, save_pth, torch_layer3_features
+from helpers import cli_in_process as invoke
 from onnx_exports import (
     EXPORT_BATCH,
     VARIANTS,
@@ -356,7 +357,7 @@ def test_cli_refuses(case, exports, zoo, tmp_path):
     build, problem = REFUSED[case]
     bad = build(tmp_path, exports)
     before = _snapshot(zoo)
-    result = cli("convert", bad, "--zoo", zoo)
+    result = invoke("convert", bad, "--zoo", zoo)  # in-process: a refusal needs no process
     assert result.returncode == 2, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, result.stderr

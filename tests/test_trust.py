@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import cli, error_line, save_pth, torch_resnet, write_image_folder
+from helpers import cli_in_process as invoke
 from PIL import Image
 from scipy import stats
 
@@ -383,7 +384,7 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     doc_scores = json.loads(scores.read_text())
     doc_scores["dataset"]["root"] = str(data.resolve())
     leaky.write_text(json.dumps(doc_scores))
-    refused = cli("evaluate", leaky, results, "--no-figure")
+    refused = invoke("evaluate", leaky, results, "--no-figure")
     assert refused.returncode == 2 and "held-out" in error_line(refused)
 
 
@@ -456,7 +457,7 @@ def test_finetune_bad_input_exits_2(workspace, tmp_path, case, message):
         extra = ["--optimizer", "lion"]
     elif case == "bad_results":
         out.write_text("{ not json")
-    result = cli("finetune", zoo_dir, data, "--out", out, "--image-size", SIZE, *extra)
+    result = invoke("finetune", zoo_dir, data, "--out", out, "--image-size", SIZE, *extra)
     assert result.returncode == 2, result.stderr
     line = error_line(result)
     assert line.startswith("error: ") and message in line, line
@@ -495,8 +496,6 @@ def test_a_bad_checkpoint_gets_the_same_line_from_rank_leep_and_finetune(workspa
     used is the same exit 2 and the same line naming it, whichever command meets it."""
     import shutil
 
-    from helpers import cli_in_process as invoke
-
     _, zoo_src, data = workspace
     zoo_dir = tmp_path / "zoo"
     shutil.copytree(zoo_src, zoo_dir)
@@ -524,9 +523,9 @@ def test_a_bad_checkpoint_gets_the_same_line_from_rank_leep_and_finetune(workspa
 
 def test_evaluate_bad_input_exits_2(tmp_path):
     acc = _write(tmp_path / "acc.json", {"a": 0.5, "b": 0.7})
-    missing = cli("evaluate", tmp_path / "nope.json", acc)
+    missing = invoke("evaluate", tmp_path / "nope.json", acc)
     assert missing.returncode == 2 and "nope.json: no such file" in error_line(missing)
-    only_one = cli("evaluate", acc)
+    only_one = invoke("evaluate", acc)
     assert only_one.returncode == 2 and "at least one SCORES" in error_line(only_one)
 
 
