@@ -177,7 +177,7 @@ def scan(root: str | os.PathLike) -> Dataset:
     )
 
 
-def load_image(path: str | os.PathLike, image_size: int = 224) -> np.ndarray:
+def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """One image as (image_size, image_size, 3) float32, normalised. InputError names a bad file."""
     try:
         with Image.open(path) as img:
