@@ -186,8 +186,8 @@ def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
             started = time.monotonic()
             state = _fresh(config, SEED + k)
             state, loss = trainer.train(state, x, y, steps, seed=SEED + k)
-            probe = np.random.default_rng(SEED).permutation(len(x))[:256]
-            acc = trainer.accuracy(state, x[probe], y[probe], 256)
+            probe = np.random.default_rng(SEED).permutation(len(x))[:128]
+            acc = trainer.accuracy(state, x[probe], y[probe], 128)
             log(f"  pre-trained {ARCH}_{name}{suffix}: {len(x)} images, {steps} steps, "
                 f"loss {loss:.3f}, accuracy on {len(probe)} of them {acc:.3f}, "
                 f"{time.monotonic() - started:.0f} s")
@@ -344,7 +344,8 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
         t2 = time.monotonic()
         results = out / "results" / f"{target}.json"
         results.parent.mkdir(parents=True, exist_ok=True)
-        doc = finetune.finetune(target_zoo_dir, folder, results, cfg.finetune_settings)
+        doc = finetune.finetune(target_zoo_dir, folder, results, cfg.finetune_settings,
+                                progress=_run_logger(log, t0))
         acc = {m["name"]: m["held_out_accuracy"] for m in doc["models"]}
         log(f"  scored in {t2 - t1:.0f} s, fine-tuned in {time.monotonic() - t2:.0f} s; "
             "held-out accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in
@@ -354,7 +355,11 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
         figure = out / "figures" / f"{target}.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
         evaluate.plot(result, figure, title=f"target: {target}")
-        report["targets"][target] = {"accuracy": acc, "excluded": excluded,
+        runs = {m["name"]: {k: m[k] for k in ("held_out_accuracy_sd", "seed_accuracies",
+                                              "best_learning_rate", "accuracy_by_learning_rate",
+                                              "layer4")}
+                for m in doc["models"]}
+        report["targets"][target] = {"accuracy": acc, "finetune": runs, "excluded": excluded,
                                      "n_train": len(train), "n_held_out": len(held),
                                      **result.to_json()}
         report.setdefault("_evaluations", []).append(result)
@@ -363,9 +368,23 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
     summary = evaluate.summarize(report.pop("_evaluations"))
     report["mean_over_targets"] = summary.to_json()["mean_over_targets"]
     report["better_mean_weighted_tau"] = [list(p) for p in summary.better]
+    report["targets_resampled"] = summary.targets_resampled
     timings["total"] = time.monotonic() - t0
     report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     return report
+
+
+def _run_logger(log, t0: float):
+    """A ``finetune`` progress callback that logs each run as it starts (with the elapsed time),
+    so that a long benchmark shows where it is."""
+    seen: set[str] = set()
+
+    def progress(description: str, done: int, total: int) -> None:
+        if description.startswith("fine-tuning") and description not in seen:
+            seen.add(description)
+            log(f"  [{time.monotonic() - t0:5.0f} s] {description}")
+
+    return progress
 
 
 def _cell(value: float | None, interval) -> str:
@@ -378,7 +397,7 @@ def _cell(value: float | None, interval) -> str:
 def table(report: dict) -> str:
     """tau_w per metric (rows) and target (columns), and the mean over targets; each with its 95%
     bootstrap interval where there is one (seeds within a target; targets and seeds for the
-    mean)."""
+    mean, or seeds alone with fewer than ``evaluate.MIN_TARGETS_RESAMPLED`` targets)."""
     targets = list(report["targets"])
     metrics: list[str] = []
     for t in targets:
@@ -422,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-images-per-class", type=int,
                         help="pre-train a folder source on at most this many images per class")
     parser.add_argument("--pretrain-steps", type=int, help="steps per source model")
+    parser.add_argument("--pretrain-batch", type=int, help="batch size of the pre-training")
     parser.add_argument("--epochs", type=float, help="fine-tuning epochs")
+    parser.add_argument("--batch-size", type=int, help="fine-tuning batch size")
     parser.add_argument("--seeds", type=int, help="fine-tuning repeats per learning rate (the "
                         "intervals come from their spread)")
     parser.add_argument("--learning-rate", type=float, action="append", default=[],
@@ -453,9 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     size = args.image_size or cfg.image_size
     cfg = replace(cfg, image_size=size,
                   pretrain_steps=args.pretrain_steps or cfg.pretrain_steps,
+                  pretrain_batch=args.pretrain_batch or cfg.pretrain_batch,
                   finetune_settings=replace(
                       cfg.finetune_settings, image_size=size,
                       epochs=args.epochs or cfg.finetune_settings.epochs,
+                      batch_size=args.batch_size or cfg.finetune_settings.batch_size,
                       seeds=args.seeds or cfg.finetune_settings.seeds,
                       learning_rates=tuple(args.learning_rate)
                       or cfg.finetune_settings.learning_rates))
@@ -482,8 +505,14 @@ def main(argv: list[str] | None = None) -> int:
     print("weighted Kendall tau (tau_w) of each metric's ranking against fine-tuned held-out "
           "accuracy, with 95% bootstrap intervals where there are any")
     print(table(report))
+    if len(report["targets"]) > 1 and not report["targets_resampled"]:
+        print(f"(fewer than {evaluate.MIN_TARGETS_RESAMPLED} targets: the mean's interval is over "
+              "the seeds alone and speaks for these targets only)")
     for a, b in report["better_mean_weighted_tau"]:
         print(f"over the targets, {evaluate.label(a)} ranks better than {evaluate.label(b)}")
+    for target, found in report["targets"].items():
+        for a, b in found["better_weighted_tau"]:
+            print(f"on {target}, {evaluate.label(a)} ranks better than {evaluate.label(b)}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

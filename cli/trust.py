@@ -149,7 +149,10 @@ def evaluate(
             console.print(f"{ev.label(metric)}: no accuracy for {', '.join(names)} (left out)")
     if len(summary.targets) > 1:
         table = Table(title=f"mean over {len(summary.targets)} targets",
-                      caption="95% bootstrap intervals over targets and seeds")
+                      caption="95% bootstrap intervals over targets and seeds"
+                      if summary.targets_resampled else
+                      f"95% bootstrap intervals over seeds only (fewer than "
+                      f"{ev.MIN_TARGETS_RESAMPLED} targets to resample: these targets only)")
         table.add_column("metric")
         for col in stat_names:
             table.add_column(col, justify="right")

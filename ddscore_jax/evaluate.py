@@ -22,7 +22,13 @@ compared on the paired differences: metric A is called better than B (on tau_w) 
 95% interval of tau_w(A) - tau_w(B) lies above 0. Over several targets the mean of a statistic
 gets a two-level interval: each replicate resamples the targets with replacement and, within
 each target drawn, takes that target's seed replicate. With one seed per model there is no
-per-target interval (``None``), and the mean's interval comes from the targets alone.
+per-target interval (``None``), and the mean's interval comes from the targets alone. Fewer than
+``MIN_TARGETS_RESAMPLED`` targets are too few to resample: the mean's interval then comes from
+the seeds alone and speaks for these targets only.
+
+What the intervals leave out: the noise of the held-out split itself (which images it holds) and
+the optimism of taking, per model, the best learning rate by the same held-out accuracy the
+interval is about; both make a ground truth look surer than it is.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ from ddscore_jax.errors import InputError
 REL_AT = (1, 3)
 DEFAULT_METRIC = "ddscore"
 CONFIDENCE = 0.95
+# Fewer targets than this are not resampled for the mean over targets: a bootstrap over two or
+# three units is degenerate (with two, every replicate is A, B or their mean, and a metric ahead
+# on both would be called better every time). Below it the mean's interval is over the seeds
+# alone: a statement about these targets, not about targets in general.
+MIN_TARGETS_RESAMPLED = 4
 # Fewer replicates than this put a 95% percentile interval's ends on 2 or 3 draws each.
 MIN_BOOTSTRAP = 100
 
@@ -472,9 +483,13 @@ class Summary:
     # mean[metric][statistic] = (mean over the targets where defined, interval or None)
     mean: dict[str, dict[str, tuple[float | None, tuple[float, float] | None]]]
     better: list[tuple[str, str]]  # (A, B): the interval of mean tau_w(A) - tau_w(B) is > 0
+    # Whether the intervals resample the targets (MIN_TARGETS_RESAMPLED or more) or only the
+    # seeds within these targets.
+    targets_resampled: bool = True
 
     def to_json(self) -> dict:
         return {"targets": [t.to_json() for t in self.targets],
+                "targets_resampled": self.targets_resampled,
                 "mean_over_targets": {
                     m: {k: {"mean": v, "interval": None if iv is None else list(iv)}
                         for k, (v, iv) in stats_.items()} for m, stats_ in self.mean.items()},
@@ -484,12 +499,15 @@ class Summary:
 def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = Settings.bootstrap,
               seed: int = Settings.seed) -> Summary:
     """Means over targets of every statistic, with intervals from resampling the targets (and,
-    inside each target drawn, its seed replicate). All metrics share the target draws."""
+    inside each target drawn, its seed replicate). All metrics share the target draws. With fewer
+    than ``MIN_TARGETS_RESAMPLED`` targets every replicate keeps all of them (seeds only)."""
     metrics: list[str] = []
     for e in evaluations:
         metrics += [m.metric for m in e.metrics if m.metric not in metrics]
     rng = np.random.default_rng(seed + 1)
-    draws = rng.integers(0, len(evaluations), size=(n_boot, len(evaluations)))
+    resampled = len(evaluations) >= MIN_TARGETS_RESAMPLED
+    draws = (rng.integers(0, len(evaluations), size=(n_boot, len(evaluations))) if resampled
+             else np.broadcast_to(np.arange(len(evaluations)), (n_boot, len(evaluations))))
     mean: dict[str, dict] = {}
     boot: dict[str, dict[str, np.ndarray]] = {}
     for metric in metrics:
@@ -511,7 +529,7 @@ def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = Settings.boots
                 warnings.simplefilter("ignore")
                 values = np.nanmean(picked, axis=1)
             boot[metric][statistic] = values
-            interval = _interval(values) if len(evaluations) > 1 or any(
+            interval = _interval(values) if (resampled and len(evaluations) > 1) or any(
                 m is not None and m.intervals.get(statistic) for m in found) else None
             mean[metric][statistic] = (float(np.nanmean(points)), interval)
     better = []
@@ -524,7 +542,7 @@ def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = Settings.boots
             diff = _interval(boot[a]["weighted_tau"] - boot[b]["weighted_tau"])
             if diff is not None and diff[0] > 0:
                 better.append((a, b))
-    return Summary(list(evaluations), mean, better)
+    return Summary(list(evaluations), mean, better, targets_resampled=resampled)
 
 
 def evaluate_targets(groups: Sequence[tuple[Sequence[str | os.PathLike], str | os.PathLike]],

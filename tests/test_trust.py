@@ -150,6 +150,12 @@ def test_one_seed_has_no_interval_and_targets_give_one(tmp_path):
     taus = [m.weighted_tau for e in summary.targets for m in e.metrics if m.metric == "good"]
     assert low <= np.mean(taus) <= high and low >= min(taus) and high <= max(taus)
     assert ("good", "bad") in summary.better and ("bad", "good") not in summary.better
+    assert summary.targets_resampled
+    # Two targets are too few to resample (a metric ahead on both would be called better in
+    # every replicate); with one seed each there is then nothing to draw an interval from.
+    two = ev.evaluate_targets(ev.group_files(groups[:4]), n_boot=500)
+    assert not two.targets_resampled and two.better == []
+    assert all(iv is None for stats in two.mean.values() for _, iv in stats.values())
     with pytest.raises(InputError, match="at least one SCORES"):
         ev.group_files([groups[1]])
     with pytest.raises(InputError, match="at least one SCORES"):
