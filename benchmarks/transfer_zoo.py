@@ -156,11 +156,13 @@ def _fresh(config: model.ResNetConfig, seed: int):
 
 
 def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
-              images_per_class: int | None = None) -> dict[str, Path | None]:
+              images_per_class: int | None = None,
+              short_folders_only: bool = False) -> dict[str, Path | None]:
     """Pre-train a ResNet18 per source (and the short and random extras); write the zoo.
 
     ``folders`` are more sources, each pre-trained on (at most ``images_per_class`` of each
-    class of) its images. Returns ``{model: the source folder it was pre-trained on, or None}``.
+    class of) its images; ``short_folders_only`` gives only them a short-trained copy. Returns
+    ``{model: the source folder it was pre-trained on, or None}``.
     """
     recipe = train.Recipe(batch_size=cfg.pretrain_batch, optimizer="adamw", learning_rate=1e-3,
                           weight_decay=1e-4, schedule="cosine")
@@ -180,7 +182,7 @@ def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
         else:
             x, y, _ = loaded[name]
         lengths = [("", cfg.pretrain_steps)]
-        if cfg.short_models:
+        if cfg.short_models and (folder is not None or not short_folders_only):
             lengths.append(("_short", max(1, cfg.pretrain_steps // 6)))
         for suffix, steps in lengths:
             started = time.monotonic()
@@ -307,16 +309,21 @@ def score_all(zoo_dir: Path, train_dir: Path, image_size: int, scores: Path) -> 
 
 def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
         targets: Sequence[Folder] = (), train_per_class: int = 30,
-        valid_per_class: int | None = 30, source_images_per_class: int | None = None) -> dict:
+        valid_per_class: int | None = 30, source_images_per_class: int | None = None,
+        short_folders_only: bool = False) -> dict:
     cache.enable_compilation_cache()
     t0 = time.monotonic()
     zoo_dir = out / "zoo"
     log(f"building the zoo ({len(cfg.sources) + len(sources)} sources) ...")
-    origin = build_zoo(cfg, zoo_dir, log, sources, source_images_per_class)
+    origin = build_zoo(cfg, zoo_dir, log, sources, source_images_per_class,
+                       short_folders_only)
     names = list(origin)
     timings = {"zoo": time.monotonic() - t0}
     report: dict = {
-        "config": {k: v for k, v in cfg.__dict__.items() if k != "finetune_settings"},
+        "config": {**{k: v for k, v in cfg.__dict__.items() if k != "finetune_settings"},
+                   "short_folders_only": short_folders_only,
+                   "source_images_per_class": source_images_per_class,
+                   "train_per_class": train_per_class, "valid_per_class": valid_per_class},
         "finetune_settings": cfg.finetune_settings.__dict__, "models": names, "targets": {},
         "sources": {f.name: str(f.path) for f in sources}}
     if targets:
@@ -432,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a target (repeatable); given, they replace the packaged targets")
     parser.add_argument("--no-packaged-sources", action="store_true",
                         help="only the --source folders as sources")
+    parser.add_argument("--short-models", choices=("all", "folders"), default="all",
+                        help="which sources also get a short-trained copy (full run; default "
+                             "all; folders: only the --source folders)")
     parser.add_argument("--image-size", type=int, help="pixels (default 32)")
     parser.add_argument("--train-per-class", type=int, default=30,
                         help="a folder target without train/ + valid/: images per class in "
@@ -494,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(cfg, out, log, sources=sources, targets=targets,
                      train_per_class=args.train_per_class, valid_per_class=args.valid_per_class,
-                     source_images_per_class=args.source_images_per_class)
+                     source_images_per_class=args.source_images_per_class,
+                     short_folders_only=args.short_models == "folders")
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
