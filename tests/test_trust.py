@@ -546,10 +546,13 @@ def test_transfer_benchmark_small_runs():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "3 models, 2 targets" in out and "tau_w" in out
-    header = next(ln for ln in out.splitlines() if ln.startswith("| metric"))
-    assert header.split("|")[2:4] == [" defects ", " digits "]
-    rows = [ln for ln in out.splitlines()
-            if ln.startswith("| ") and not ln.startswith(("| metric", "| ---"))]
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| metric"))
+    assert lines[start].split("|")[2:4] == [" defects ", " digits "]
+    end = next(i for i in range(start, len(lines) + 1)
+               if i == len(lines) or not lines[i].startswith("|"))
+    rows = lines[start + 2:end]  # the tau_w table (the accuracies and fixed-rate ones follow)
+    assert "fine-tuned held-out accuracy" in out
     assert any(r.startswith("| D-deepscore |") for r in rows)
     for row in rows:
         for cell in row.strip("|").split("|")[1:]:
@@ -592,6 +595,19 @@ def test_transfer_benchmark_on_folders(tmp_path):
         assert scored["dataset"]["root"] == str((out / "targets" / name / "train").resolve())
         assert (out / "figures" / f"{name}.png").is_file()
     assert set(report["mean_over_targets"]) >= {"ddscore", "logme"}
+    for name in folders:  # one learning rate in --small: its tau_w is the selected one's
+        fixed = report["targets"][name]["weighted_tau_at_fixed_rate"]
+        assert list(fixed) == ["0.001"]
+        chosen = {e["metric"]: e["weighted_tau"] for e in report["targets"][name]["metrics"]}
+        assert {m: v and v[0] for m, v in fixed["0.001"].items()} == chosen
+    # Evaluated again from the run's folder, without training: the same numbers.
+    again = subprocess.run([*args[:2], "--evaluate-only", str(tmp_path / "r.json"), "--out",
+                            str(out), "--json", str(tmp_path / "again.json")],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    redone = json.loads((tmp_path / "again.json").read_text())
+    assert redone["targets"] == report["targets"]
+    assert redone["mean_over_targets"] == report["mean_over_targets"]
     bad = subprocess.run([*args[:2], "--source", f"x={tmp_path / 'missing'}"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert bad.returncode == 2 and "is not a folder" in bad.stderr
