@@ -483,7 +483,7 @@ def fixed_rate_table(report: dict) -> str:
     """tau_w per metric (rows) against each single learning rate's accuracy, per target."""
     cols = [(t, lr) for t, found in report["targets"].items()
             for lr in found.get("weighted_tau_at_fixed_rate", {})]
-    if not cols:
+    if len(cols) <= len(report["targets"]):  # one rate: the same numbers as the tau_w table
         return ""
     metrics = list(report["mean_over_targets"])
     lines = ["| metric | " + " | ".join(f"{t} @ {lr}" for t, lr in cols) + " |",
