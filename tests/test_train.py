@@ -73,3 +73,26 @@ def test_sgd_with_batchnorm_matches_pytorch(tmp_path):
         moved += not np.allclose(want, imported.state_dict[key], rtol=0, atol=1e-7)
     # Every parameter and every running statistic moved, so each comparison above says something.
     assert moved == len(ref), moved
+
+
+def test_the_training_step_has_no_operand_swapped_convolution():
+    # XLA swaps the operands of a convolution whose kernel has more taps than its input has
+    # positions (layer4's 3x3 convs on 2x2 maps at 64 px, and their backward) into a form with
+    # a reversed window, which XLA:CPU runs in a naive loop: 1.8 s per conv, most of a step.
+    # model.conv_op computes those as matrix products; no reversed window may be left.
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    config = dataclasses.replace(model.CONFIGS["resnet18"], num_classes=CLASSES)
+    trainer = train.Trainer(config, train.Recipe(optimizer="sgd", momentum=0.0,
+                                                 weight_decay=0.0))
+    params, stats = nnx.split_state(model.from_state_dict(model.init_state_dict(config, 0),
+                                                          config), nnx.Param, nnx.BatchStat)
+    hlo = trainer._step.lower(
+        params, stats, trainer.tx.init(params), jnp.zeros((2, 64, 64, 3)),
+        jnp.zeros(2, jnp.int32), jnp.float32(0.1), jax.random.key(0)).compile().as_text()
+    convs = [line for line in hlo.splitlines() if " convolution(" in line]
+    assert len(convs) > 20  # the step's convolutions are there to inspect
+    assert not [c for c in convs if "rhs_reversal" in c]
