@@ -1,16 +1,24 @@
 """Fine-tuning step time: ddscore-jax's trainer against PyTorch on the same network.
 
 ResNet18 (torchvision layout, BatchNorm in training mode), batch 32 at 64 px, 3 classes, plain
-SGD: ``ddscore_jax.train.Trainer`` (one compiled step, one step in flight, the loss of the step
-before read back) and ``torch.optim.SGD`` in eager mode with ``torch.get_num_threads()`` threads.
-The two are timed in alternating rounds (interleaved), each round a fresh run of ``--steps``
-steps after a warm-up round that compiles; the load average is printed with every figure.
+SGD: ``ddscore_jax.train.Trainer`` (one compiled step with the optimiser update, one step in
+flight, the loss of the step before read back) and ``torch.optim.SGD`` in eager mode with
+``torch.get_num_threads()`` threads. Two comparisons, each in alternating rounds (interleaved),
+after a warm-up that compiles; the load average is printed with every figure:
 
-    python benchmarks/bench_finetune.py               # 4 rounds of 10 steps
-    python benchmarks/bench_finetune.py --rounds 2 --steps 5
+- ``run``: a whole ``Trainer.train`` of ``--steps`` steps (batch gathering, host-to-device
+  copies, the per-step loss read) against torch's loop over the same batches;
+- ``step``: the compiled step alone on one device-resident batch against torch's step alone
+  (forward, backward, update, ``loss.item()``) on one batch: the arithmetic, nothing else.
 
-Also printed: the compile time of the first step, and that a second model of the same config
-(another Trainer, other weights) compiles nothing.
+    python benchmarks/bench_finetune.py                      # 3 rounds of 8 steps
+    python benchmarks/bench_finetune.py --rounds 2 --steps 4 --lax-conv
+
+Also printed: the compile time of the first call (XLA compilations counted through
+``jax.monitoring``) and that a second model of the same config compiles nothing.
+``--lax-conv`` sends every convolution through ``lax.conv_general_dilated`` as before
+``model.conv_op`` existed, to measure what computing small-map convolutions as matrix products
+gives (XLA:CPU runs layer4's operand-swapped 3x3 convolutions on 2x2 maps in a naive loop).
 """
 
 from __future__ import annotations
@@ -30,16 +38,35 @@ BATCH, SIZE, CLASSES = 32, 64, 3
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--lax-conv", action="store_true",
+                        help="every convolution through lax.conv_general_dilated (the code "
+                             "before model.conv_op), for the before/after figure")
     args = parser.parse_args(argv)
 
     import dataclasses
 
+    import jax
+    import jax.numpy as jnp
     import torch
     import torchvision
+    from flax import nnx
 
     from ddscore_jax import model, train
+
+    if args.lax_conv:
+        # Before any graph is built: _conv reads conv_op when it constructs each layer.
+        def lax_conv(lhs, rhs, *a, dimension_numbers=None, **kw):
+            return jax.lax.conv_general_dilated(
+                lhs, rhs, *a, dimension_numbers=dimension_numbers or ("NHWC", "HWIO", "NHWC"),
+                **kw)
+        model.conv_op = lax_conv
+
+    compiles: list[float] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **_: compiles.append(secs)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
 
     rng = np.random.default_rng(0)
     n = BATCH * args.steps
@@ -49,48 +76,75 @@ def main(argv: list[str] | None = None) -> int:
     recipe = train.Recipe(batch_size=BATCH, optimizer="sgd", learning_rate=0.01, momentum=0.0,
                           weight_decay=0.0, schedule="constant")
     sd = model.init_state_dict(config, 0)
+    trainer = train.Trainer(config, recipe)
 
-    def ours(steps: int) -> float:
-        trainer = train.Trainer(config, recipe)
-        state = model.from_state_dict(sd, config)
+    def ours(steps: int, seed: int = 0) -> float:
+        state = model.from_state_dict(model.init_state_dict(config, seed), config)
         t = time.perf_counter()
-        trainer.train(state, x, y, steps, seed=0)  # returns after the last loss is on the host
+        train.Trainer(config, recipe).train(state, x, y, steps, seed=0)  # ends on the host
+        return time.perf_counter() - t
+
+    params, stats = nnx.split_state(model.from_state_dict(sd, config), nnx.Param, nnx.BatchStat)
+    opt_state = trainer.tx.init(params)
+    xb, yb = jnp.asarray(x[:BATCH]), jnp.asarray(y[:BATCH], jnp.int32)
+    rate, key = jnp.float32(0.01), jax.random.key(0)
+
+    def our_step() -> float:
+        nonlocal params, stats, opt_state
+        t = time.perf_counter()
+        params, stats, opt_state, loss = trainer._step(params, stats, opt_state, xb, yb, rate,
+                                                       key)
+        loss.block_until_ready()
         return time.perf_counter() - t
 
     net = torchvision.models.resnet18(num_classes=CLASSES)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     yt = torch.from_numpy(y)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    net.train()
 
-    def theirs(steps: int) -> float:
-        net.train()
-        opt = torch.optim.SGD(net.parameters(), lr=0.01)
-        order = np.random.default_rng(0).permutation(n)
+    def torch_step(idx) -> float:
         t = time.perf_counter()
-        for i in range(steps):
-            idx = torch.from_numpy(order[i * BATCH:(i + 1) * BATCH])
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            loss.item()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+        loss.backward()
+        opt.step()
+        loss.item()
         return time.perf_counter() - t
 
+    def theirs(steps: int) -> float:
+        order = np.random.default_rng(0).permutation(n)
+        return sum(torch_step(torch.from_numpy(order[i * BATCH:(i + 1) * BATCH]))
+                   for i in range(steps))
+
     print(f"# {machine()}")
-    print(f"# ResNet18, batch {BATCH}, {SIZE} px, train-mode BatchNorm, plain SGD; "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"# ResNet18, batch {BATCH}, {SIZE} px, train-mode BatchNorm, plain SGD; jax "
+          f"{jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads"
+          f"{'; --lax-conv (before model.conv_op)' if args.lax_conv else ''}")
+    load = load_now()
     first = ours(1)
-    print(f"first call (compile + 1 step): {first:.2f} s, load {load_now():.2f}")
-    again = ours(1)
-    print(f"a second model, same config (no compile): 1 step {again:.2f} s, load {load_now():.2f}")
+    print(f"first call (compile + 1 step): {first:.2f} s, {len(compiles)} XLA compilations "
+          f"({sum(compiles):.2f} s, the step's {max(compiles):.2f} s), load {load:.2f}")
+    done = len(compiles)
+    again = ours(1, seed=1)
+    print(f"a second model, same config: 1 step {again:.2f} s, "
+          f"{len(compiles) - done} compilations, load {load_now():.2f}")
+    our_step()  # compiled above; first call on these buffers
     theirs(1)  # torch warm-up (allocator, kernels)
-    jax_t, torch_t = [], []
+    run_ours, run_torch, step_ours, step_torch = [], [], [], []
+    whole = torch.arange(BATCH)
     for r in range(args.rounds):
-        jax_t.append(ours(args.steps) / args.steps)
-        torch_t.append(theirs(args.steps) / args.steps)
-        print(f"round {r + 1}: ddscore-jax {jax_t[-1]:.3f} s/step, torch {torch_t[-1]:.3f} "
-              f"s/step, load {load_now():.2f}")
-    print(f"median per step: ddscore-jax {median(jax_t):.3f} s, torch {median(torch_t):.3f} s, "
-          f"ratio {median(jax_t) / median(torch_t):.2f}; load {load_now():.2f}")
+        run_ours.append(ours(args.steps) / args.steps)
+        run_torch.append(theirs(args.steps) / args.steps)
+        step_ours.append(median([our_step() for _ in range(args.steps)]))
+        step_torch.append(median([torch_step(whole) for _ in range(args.steps)]))
+        print(f"round {r + 1}: run ddscore-jax {run_ours[-1]:.3f} s/step, torch "
+              f"{run_torch[-1]:.3f}; step alone ddscore-jax {step_ours[-1]:.3f} s, torch "
+              f"{step_torch[-1]:.3f} s; load {load_now():.2f}", flush=True)
+    print(f"median per step, run: ddscore-jax {median(run_ours):.3f} s, torch "
+          f"{median(run_torch):.3f} s, ratio {median(run_ours) / median(run_torch):.2f}; "
+          f"step alone: ddscore-jax {median(step_ours):.3f} s, torch {median(step_torch):.3f} s, "
+          f"ratio {median(step_ours) / median(step_torch):.2f}; load {load_now():.2f}")
     return 0
 
 
