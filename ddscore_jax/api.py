@@ -9,9 +9,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from ddscore_jax import cache, data, interrupts, zoo
+from ddscore_jax import cache, data, interrupts, ort_engine, zoo
 from ddscore_jax.ddscore import ModelScore, precision_for, train_indices
 from ddscore_jax.errors import InputError, readable
 from ddscore_jax.forward import (
@@ -204,6 +205,9 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
     scoring = ScoreSettings(train_fraction, seed, tuple(metrics)).check()
     forward = ExtractSettings(batch_size, image_size, dtype, workers, engine).check()
+    # The engine that will run keys the cache ("auto" is onnxruntime on some machines, jax on
+    # others); a refusal (onnxruntime not installed) comes here, before any work.
+    engine = ort_engine.resolve(engine, jax.default_backend(), dtype, jax.device_count())
     metrics = list(scoring.metrics)
     interrupts.kept("nothing new was saved" + ("" if use_cache else " (--no-cache)"))
     cache.enable_compilation_cache()  # the forward and the score compile once per machine
@@ -244,7 +248,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     if use_cache:
         cache.sweep(cache_dir)
     jobs = [(e, entry, *plan(e, entry, False)) for e, entry in (
-        (e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size, dtype)
+        (e, cache.Entry.of(cache_dir, zoo_dir, e, fingerprint, image_size, dtype, engine)
          if use_cache else None) for e in entries)]
     jobs = [j for j in jobs if j[2] or j[3]]
     # One writer per entry: another rank extracting the same models finishes first, then we

@@ -3,7 +3,8 @@
 A cache entry is keyed by the model checkpoint's hash, the checkpoint folder it was loaded from
 (its path in the zoo and its files' sizes and times), the data set's content (relative paths,
 labels, classes, file sizes and modification times) and every setting that changes the features
-(image size, forward dtype), so a changed image or setting misses exactly the entries it affects.
+(image size, forward dtype, the engine that ran the forward), so a changed image or setting misses
+exactly the entries it affects.
 
 Integrity. Each entry records what it was made from (those settings) and a SHA-256 of its arrays;
 :meth:`Entry.load` recomputes, and says so on stderr, an entry that is unreadable, was made from
@@ -81,11 +82,17 @@ def checkpoint_fingerprint(zoo_dir: str | os.PathLike, checkpoint: str) -> str:
 
 
 def entry_path(cache_dir: Path, model_sha256: str, data_fingerprint: str, image_size: int,
-               dtype: str = "float32", checkpoint: str = "") -> Path:
+               dtype: str = "float32", checkpoint: str = "", engine: str = "jax") -> Path:
     """``cache_dir/<key>.npz``: the key hashes everything the model's features depend on
-    (``checkpoint``: :func:`checkpoint_fingerprint`)."""
-    # float32 keeps the key it had before --dtype existed, so those entries stay valid.
+    (``checkpoint``: :func:`checkpoint_fingerprint`; ``engine``: the one that ran, never
+    "auto"). The engines agree to float32 rounding, not bit for bit, so features from one are
+    never served as the other's: ``rank --engine jax`` scores the JAX engine's features even
+    after an onnxruntime run filled the cache."""
+    # float32 on the JAX engine keeps the key it had before --dtype and --engine existed, so
+    # those entries stay valid.
     setting = f"{image_size}" if dtype == "float32" else f"{image_size}|{dtype}"
+    if engine != "jax":
+        setting += f"|engine={engine}"
     if checkpoint:
         setting += f"|{checkpoint}"
     key = hashlib.sha256(
@@ -126,15 +133,19 @@ class Entry:
 
     @classmethod
     def of(cls, cache_dir: str | os.PathLike, zoo_dir: str | os.PathLike, model,
-           data_fingerprint: str, image_size: int, dtype: str = "float32") -> Entry:
+           data_fingerprint: str, image_size: int, dtype: str = "float32",
+           engine: str = "jax") -> Entry:
         """The entry of ``model`` (a ``zoo.ZooEntry`` of ``zoo_dir``) on the data set with
-        ``data_fingerprint`` (:func:`dataset_fingerprint`) at these settings."""
+        ``data_fingerprint`` (:func:`dataset_fingerprint`) at these settings; ``engine`` is the
+        resolved one (``ort_engine.resolve``), not "auto"."""
+        if engine == "auto":
+            raise ValueError("key the cache by the engine that runs, not 'auto'")
         checkpoint = checkpoint_fingerprint(zoo_dir, model.checkpoint)
         settings = {"version": FEATURES_VERSION, "model_sha256": model.sha256,
                     "checkpoint": checkpoint, "data": data_fingerprint,
-                    "image_size": image_size, "dtype": dtype}
+                    "image_size": image_size, "dtype": dtype, "engine": engine}
         return cls(entry_path(Path(cache_dir), model.sha256, data_fingerprint, image_size, dtype,
-                              checkpoint), settings)
+                              checkpoint, engine), settings)
 
     @property
     def partial(self) -> PartialFeatures:
@@ -166,6 +177,8 @@ class Entry:
                 arrays = {k: z[k] for k in z.files}
             record = json.loads(str(arrays.pop("cache_meta")))
             recorded, digest = record["settings"], record["content_sha256"]
+            # Entries written before the engine was recorded all came from the JAX engine.
+            recorded = {"engine": "jax", **recorded}
         except KeyError:
             return "carry no record of what they were made from"
         except Exception as e:  # noqa: BLE001 - zipfile/numpy/json raise many types

@@ -27,8 +27,8 @@ MAX_IMAGE_SIZE = 4096  # a 32-image batch is then 6 GiB of float32 pixels alread
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """How features are computed: everything but ``workers`` and ``engine`` changes them (the
-    engines agree to float32 rounding)."""
+    """How features are computed: everything but ``workers`` changes them (the engines agree to
+    float32 rounding, not bit for bit, and the feature cache keeps them apart)."""
 
     batch_size: int = 32
     image_size: int = 224

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -93,8 +94,54 @@ def test_the_key_covers_model_data_size_and_dtype(tmp_path):
     base = cache.entry_path(**key)
     assert base == cache.entry_path(**key, dtype="float32")
     for change in ({"model_sha256": "b" * 64}, {"data_fingerprint": "e" * 64},
-                   {"image_size": 192}, {"dtype": "bfloat16"}):
+                   {"image_size": 192}, {"dtype": "bfloat16"}, {"engine": "onnxruntime"}):
         assert cache.entry_path(**{**key, **change}) != base, change
+    assert cache.entry_path(**key, engine="jax") == base  # the key entries had before --engine
+
+
+def recorded_settings(entry: Path) -> dict:
+    with np.load(entry, allow_pickle=False) as z:
+        return json.loads(str(z["cache_meta"]))["settings"]
+
+
+def test_each_engine_keeps_its_own_features(workspace, caplog):
+    # The engines agree to float32 rounding, not bit for bit: one's features are never served
+    # as the other's, and "auto" shares the entries of the engine it resolves to.
+    _, _, cache_dir = workspace
+    ort_first = rank(workspace, engine="onnxruntime")
+    assert ort_first.cached == []
+    assert rank(workspace, engine="jax").cached == []
+    assert sorted(rank(workspace, engine="onnxruntime").cached) == ["alpha", "beta"]
+    jax_again = rank(workspace, engine="jax")
+    assert sorted(jax_again.cached) == ["alpha", "beta"]
+    assert sorted(rank(workspace, engine="auto").cached) == ["alpha", "beta"]  # CPU: onnxruntime
+    entries = sorted(cache_dir.glob("*.npz"))
+    assert sorted(recorded_settings(p)["engine"] for p in entries) == ["jax"] * 2 + [
+        "onnxruntime"] * 2
+    for name, score in scores(jax_again).items():
+        assert score == pytest.approx(scores(ort_first)[name], rel=1e-4)
+
+    # A model's onnxruntime entry copied over its JAX one is refused, naming the engine, and
+    # recomputed.
+    by = {(s["model_sha256"], s["engine"]): p for p in entries if (s := recorded_settings(p))}
+    sha = next(iter(by))[0]
+    by[sha, "jax"].write_bytes(by[sha, "onnxruntime"].read_bytes())
+    caplog.clear()
+    assert len(rank(workspace, engine="jax").cached) == 1
+    assert "were made from something else (differs in engine)" in caplog.text
+
+
+def test_entries_from_before_the_engine_was_recorded_are_the_jax_engines(workspace):
+    _, _, cache_dir = workspace
+    rank(workspace, engine="jax")
+    for p in cache_dir.glob("*.npz"):
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        record = json.loads(str(arrays.pop("cache_meta")))
+        del record["settings"]["engine"]
+        np.savez(p, **arrays, cache_meta=np.array(json.dumps(record, sort_keys=True)))
+    assert sorted(rank(workspace, engine="jax").cached) == ["alpha", "beta"]
+    assert rank(workspace, engine="onnxruntime").cached == []
 
 
 def test_the_data_fingerprint_sees_labels_names_sizes_and_mtimes(tmp_path):
