@@ -68,10 +68,15 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
 
 
-def _torch_export_session(net, size: int):
-    """onnxruntime on torch's own ONNX export of the truncated network (the reference)."""
+def _torch_export_session(net, size: int, engine_options: bool = False):
+    """onnxruntime on torch's own ONNX export of the truncated network (the reference):
+    with onnxruntime's default session options, or (``engine_options``) with the ones the
+    onnxruntime engine uses (``ort_engine.session``), so that graph meets graph alone."""
+    import onnx
     import onnxruntime as ort
     import torch
+
+    from ddscore_jax import ort_engine
 
     class Truncated(torch.nn.Module):
         def __init__(self):
@@ -86,9 +91,12 @@ def _torch_export_session(net, size: int):
     torch.onnx.export(Truncated().eval(), torch.zeros(2, 3, size, size), str(path),
                       input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
     net.eval()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = len(os.sched_getaffinity(0))
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if engine_options:
+        sess = ort_engine.session(onnx.load(str(path)))
+    else:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = len(os.sched_getaffinity(0))
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return lambda x: dict(zip(BLOCKS, sess.run(None, {"x": x}), strict=True))
 
 
@@ -109,11 +117,14 @@ def engines(args) -> None:
                     for f in truncated]
 
     exported = [_torch_export_session(n, args.image_size) for n in nets]
+    exported_same = [_torch_export_session(n, args.image_size, True) for n in nets]
     sides = {
         "jax engine (XLA)": ZooForward(models, engine="jax"),
         "onnxruntime engine": ZooForward(models, engine="onnxruntime"),
         "torch eager": lambda _x: torch_eager(),
         "onnxruntime, torch's export": lambda _x: [f(xt.numpy()) for f in exported],
+        "onnxruntime, torch's export, engine options":
+            lambda _x: [f(xt.numpy()) for f in exported_same],
     }
     start = f"machine: {machine()}"
     ref = torch_eager()
@@ -127,19 +138,28 @@ def engines(args) -> None:
     times: dict[str, list[float]] = {k: [] for k in sides}
     cpu: dict[str, list[float]] = {k: [] for k in sides}
     loads = []
-    for _ in range(args.repeats):
-        for name, fn in sides.items():
+    for r in range(args.repeats):
+        # Forwards and backwards in turn, so no side always runs right after the same one.
+        for name, fn in list(sides.items())[:: -1 if r % 2 else 1]:
             loads.append(load_now())
             wall, c = _timed_cpu(lambda fn=fn: fn(x))
             times[name].append(wall)
             cpu[name].append(c)
+    loads.append(load_now())
     _report(times, args.batch_size * args.models, loads, "jax engine (XLA)", cpu)
+    # The issue 11 target, pair by pair: each repeat's two forwards ran next to each other.
+    for ref_side in ("onnxruntime, torch's export", "onnxruntime, torch's export, engine options"):
+        pairs = sorted(t / e for e, t in zip(times["onnxruntime engine"], times[ref_side],
+                                            strict=True))
+        print(f"onnxruntime engine vs {ref_side}: median {median(pairs):.3f}x, per repeat "
+              f"{pairs[0]:.3f}..{pairs[-1]:.3f}: " + " ".join(f"{p:.3f}" for p in pairs))
 
 
 def _report(times: dict[str, list[float]], per_run: int, loads: list[float], base: str,
             cpu: dict[str, list[float]] | None = None) -> None:
     print(f"load average: at start {loads[0]:.2f}, median {median(loads):.2f}, max "
-          f"{max(loads):.2f} (2 cores: above ~1.5 other jobs were competing)")
+          f"{max(loads):.2f}, at end {loads[-1]:.2f} (2 cores: above ~1.5 other jobs were "
+          "competing)")
     b = median(times[base])
     for name, v in times.items():
         print(f"  {name:44s} {per_run / median(v):7.1f} image-model/s  {b / median(v):5.2f}x "
