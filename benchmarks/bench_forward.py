@@ -165,7 +165,7 @@ def engines(args) -> None:
             cpu[name].append(c)
     loads.append(load_now())
     _report(times, args.batch_size * args.models, loads, "jax engine (XLA)", cpu)
-    # The target (docs/extraction.md), pair by pair: each repeat's two forwards ran next to each other.
+    # The target (docs/extraction.md) pair by pair: each repeat's two forwards ran side by side.
     for ours, ref_side in (
             ("onnxruntime engine", "onnxruntime, torch's export"),
             ("onnxruntime engine", "onnxruntime, torch's export, engine options"),
