@@ -9,10 +9,9 @@ docs/extraction.md). So on CPU the forward can run here instead; on GPU and TPU 
 What. :func:`build_graph` writes the inference network of one model straight from its
 ``(ResNetConfig, canonical state dict)`` (the contract in :mod:`ddscore_jax.model`): BatchNorm is
 folded by :func:`ddscore_jax.model.fold`, the very weights the JAX forward runs, so the two agree
-to float32 rounding (tests/test_engine.py). The graph reads the engine's NHWC images as they
-are (:meth:`_Graph.stem_conv`), stops after the last conv4_x block asked for (or runs ``layer4``
-+ ``fc`` when a head is asked for), and returns each block's spatial mean, as the JAX forward
-does.
+to float32 rounding (tests/test_engine.py). The graph takes the engine's NHWC images, transposes
+them once, stops after the last conv4_x block asked for (or runs ``layer4`` + ``fc`` when a head
+is asked for), and returns each block's spatial mean, as the JAX forward does.
 
 onnx and onnxruntime are an optional extra (``pip install ddscore-jax[cpu]``); without them the
 JAX path runs, and :func:`available` says so.
@@ -116,32 +115,6 @@ class _Graph:
                     group=groups)
         return self.op("Relu", [y], key + ".relu") if relu else y
 
-    def stem_conv(self, images: str, sd: StateDict, key: str, stride: int) -> str:
-        """The first convolution (+ ReLU) read straight from the NHWC ``images``.
-
-        Viewed as (N, 1, H, W*C), each image row's interleaved channels are one long row, and a
-        k x k window over C channels is a k x (k*C) window over it at C times the stride and
-        padding: the same products and outputs, and no transposed copy of the batch (the
-        NHWC -> NCHW Transpose this replaces read and wrote the whole batch once more).
-        """
-        w = sd[f"{key}.weight"]
-        o, c, k, _ = w.shape
-        # w[o, c, ky, kx] -> wide[o, 0, ky, kx*C + c]: the interleaved order of an NHWC row.
-        wide = w.transpose(0, 2, 3, 1).reshape(o, 1, k, k * c)
-        rows = self.op("Reshape", [self.op("Unsqueeze", [images, self.const_i64(
-            "stem.axes", [1])], "stem.unsqueeze"), self.const_i64("stem.shape", [0, 0, 0, -1])],
-            "stem.rows")
-        p = k // 2
-        y = self.op("Conv", [rows, self.const(f"{key}.weight", wide),
-                             self.const(f"{key}.bias", sd[f"{key}.bias"])],
-                    key, kernel_shape=[k, k * c], strides=[stride, stride * c],
-                    pads=[p, p * c, p, p * c])
-        return self.op("Relu", [y], key + ".relu")
-
-    def const_i64(self, name: str, value: Sequence[int]) -> str:
-        self.inits.append(self.numpy_helper.from_array(np.asarray(value, np.int64), name))
-        return name
-
 
 def _block(g: _Graph, x: str, sd: StateDict, key: str, config: ResNetConfig, stride: int,
            has_downsample: bool) -> str:
@@ -193,12 +166,13 @@ def build_graph(config: ResNetConfig, state_dict: StateDict, blocks: int = 2,
     config, sd = model.fold(config, state_dict)
 
     g = _Graph()
+    x = g.op("Transpose", ["images"], "nchw", perm=[0, 3, 1, 2])
     if config.deep_stem:
-        x = g.stem_conv("images", sd, "conv1.0", 2)
+        x = g.conv(x, sd, "conv1.0", 2, relu=True)
         x = g.conv(x, sd, "conv1.3", relu=True)
         x = g.conv(x, sd, "conv1.6", relu=True)
     else:
-        x = g.stem_conv("images", sd, "conv1", 2)
+        x = g.conv(x, sd, "conv1", 2, relu=True)
     x = g.op("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
 
     outputs = [f"{FEATURE_STAGE}.{i}" for i in range(blocks)]
