@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jax
@@ -208,6 +208,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     # The engine that will run keys the cache ("auto" is onnxruntime on some machines, jax on
     # others); a refusal (onnxruntime not installed) comes here, before any work.
     engine = ort_engine.resolve(engine, jax.default_backend(), dtype, jax.device_count())
+    forward = replace(forward, engine=engine)
     metrics = list(scoring.metrics)
     interrupts.kept("nothing new was saved" + ("" if use_cache else " (--no-cache)"))
     cache.enable_compilation_cache()  # the forward and the score compile once per machine

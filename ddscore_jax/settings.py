@@ -96,6 +96,7 @@ def to_json(score: ScoreSettings, precision: str, extract: ExtractSettings | Non
         out["image_size"] = extract.image_size
     out |= {"blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision,
             "metrics": list(score.metrics)}
-    if extract is not None:  # the forward's dtype changes the features, so the score
+    if extract is not None:  # the forward's dtype and engine change the features, so the score
         out["forward_dtype"] = extract.dtype
+        out["forward_engine"] = extract.engine  # as resolved: never "auto"
     return out
