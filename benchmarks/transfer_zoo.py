@@ -50,6 +50,8 @@ import numpy as np
 from PIL import Image
 
 from ddscore_jax import cache, data, evaluate, finetune, model, sources, train, zoo
+from ddscore_jax.atomic import write_json_atomic
+from ddscore_jax.errors import InputError
 
 ARCH = "resnet18"
 SEED = 0
@@ -147,7 +149,7 @@ def write_target(task: Labelled, folder: Path, train_per_class: int) -> None:
 def _addition(name: str, config: model.ResNetConfig, state) -> zoo.Addition:
     sd = model.to_state_dict(state)
     return zoo.Addition(name=name, source=Path(f"benchmark:{name}"), source_format="benchmark",
-                        sha256=sources.params_digest(sd), model=zoo.ImportedModel(config, sd))
+                        sha256=sources.params_digest(sd), model=model.ImportedModel(config, sd))
 
 
 def _fresh(config: model.ResNetConfig, seed: int):
@@ -288,7 +290,7 @@ def target_zoo(zoo_dir: Path, dest: Path, excluded: Sequence[str]) -> Path:
         link = dest / m["checkpoint"]
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to((zoo_dir / m["checkpoint"]).resolve(), target_is_directory=True)
-    zoo.write_json_atomic(dest / "zoo.json", doc)
+    write_json_atomic(dest / "zoo.json", doc)
     return dest
 
 
@@ -304,7 +306,7 @@ def score_all(zoo_dir: Path, train_dir: Path, image_size: int, scores: Path) -> 
     ranking = api.rank(zoo_dir, train_dir, image_size=image_size, train_fraction=1.0,
                        metrics=list(METRICS), cache_dir=scores.parent / "features")
     scores.parent.mkdir(parents=True, exist_ok=True)
-    zoo.write_json_atomic(scores, ranking.to_json())
+    write_json_atomic(scores, ranking.to_json())
 
 
 def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
@@ -580,10 +582,18 @@ def main(argv: list[str] | None = None) -> int:
             print("--evaluate-only needs --out, the folder of the run it evaluates",
                   file=sys.stderr)
             return 2
-        report = reevaluate(args.out, json.loads(args.evaluate_only.read_text()))
+        try:
+            doc = json.loads(args.evaluate_only.read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("targets"), dict):
+                raise ValueError("not a report of this benchmark (no \"targets\" object)")
+            report = reevaluate(args.out, doc)
+        except (OSError, ValueError, InputError) as e:  # JSONDecodeError is a ValueError
+            print(f"{args.evaluate_only}: {e}", file=sys.stderr)
+            return 2
         _print_report(report, "python benchmarks/transfer_zoo.py " + " ".join(
             argv if argv is not None else sys.argv[1:]))
-        (args.json or args.evaluate_only).write_text(json.dumps(report, indent=2) + "\n")
+        # Atomic: the report being rewritten may be the only record of an hour's run.
+        write_json_atomic(args.json or args.evaluate_only, report)
         return 0
     cfg = SMALL if args.small else FULL
     try:
@@ -639,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               else sys.argv[1:])
     _print_report(report, command)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.json, report)
     return 0
 
 

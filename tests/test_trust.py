@@ -611,3 +611,21 @@ def test_transfer_benchmark_on_folders(tmp_path):
     bad = subprocess.run([*args[:2], "--source", f"x={tmp_path / 'missing'}"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert bad.returncode == 2 and "is not a folder" in bad.stderr
+
+
+@pytest.mark.parametrize("text,why", [("{bad", "Expecting property name"),
+                                      ("{}", "not a report of this benchmark"),
+                                      (None, "No such file")])
+def test_transfer_benchmark_evaluate_only_refuses_a_bad_report(tmp_path, text, why):
+    report = tmp_path / "report.json"
+    if text is not None:
+        report.write_text(text)
+    (tmp_path / "run" / "results").mkdir(parents=True)
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "transfer_zoo.py"),
+                             "--evaluate-only", str(report), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert str(report) in result.stderr and why in result.stderr
+    if text is not None:
+        assert report.read_text() == text  # not rewritten
