@@ -46,6 +46,8 @@ DEMO_IMAGE_SIZE = 32
 DEMO_VERSION = 3
 ARCH = "resnet18"
 # The pre-trained network: a whole ResNet18 with BatchNorm, one output per class of the widest task.
+# Every pre-training task gets its 10 outputs (the largest task has 10 classes), so all three
+# models share one compiled train step; the unused logits of smaller tasks learn to stay low.
 PRETRAIN = dataclasses.replace(model.CONFIGS["resnet18"], num_classes=10)
 ZOO_DIR = "zoo"
 DATA_DIR = "target"
@@ -55,8 +57,6 @@ MARKER = "demo.json"
 OWNER = ".ddscore-jax-demo"
 
 SEED = 0
-# Every pre-training task gets PRETRAIN's 10 outputs (the largest task has 10 classes), so all
-# three models share one compiled train step; the unused logits of smaller tasks learn to stay low.
 # One surface only: with several, the surface type dominates every model's features and hides the
 # defects, and the ranking says more about the mix of surfaces than about the models.
 TARGET_SURFACE = "brick"
@@ -141,7 +141,6 @@ def trainer(config: DemoConfig) -> train.Trainer:
     return train.Trainer(PRETRAIN, train.Recipe(
         batch_size=config.batch_size, optimizer="adamw", learning_rate=config.learning_rate,
         weight_decay=0.0, schedule="constant"))
-
 
 
 def split_task(task: sources.Labelled, test_fraction: float = 0.2,
