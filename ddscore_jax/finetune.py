@@ -39,7 +39,7 @@ from ddscore_jax import atomic, cache, data, model, train, zoo
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel, ResNetConfig
 from ddscore_jax.progress import Progress
-from ddscore_jax.settings import MIN_IMAGE_SIZE
+from ddscore_jax.settings import check_image_and_batch
 
 RESULTS_KIND = "ddscore-jax finetune results"
 RESULTS_VERSION = 2
@@ -70,11 +70,7 @@ class Settings:
 
     def check(self) -> None:
         """InputError naming the first bad option."""
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} (5 stride-2 "
-                             f"steps), got {self.image_size}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_image_and_batch(self.image_size, self.batch_size)
         if not self.epochs > 0:
             raise InputError(f"--epochs must be positive, got {self.epochs}")
         if self.optimizer not in train.OPTIMIZERS:

@@ -25,6 +25,17 @@ MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096  # a 32-image batch is then 6 GiB of float32 pixels already
 
 
+def check_image_and_batch(image_size: int, batch_size: int) -> None:
+    """The image size and batch checks that every command with a forward shares."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} (5 stride-2 steps), "
+                         f"got {image_size}")
+    if image_size > MAX_IMAGE_SIZE:
+        raise InputError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     """How features are computed: everything but ``workers`` changes them (the engines agree to
@@ -39,14 +50,7 @@ class ExtractSettings:
     def check(self) -> ExtractSettings:
         """``self``, or InputError naming the first bad option (checked before any work, so a typo
         never costs an extraction)."""
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} (5 stride-2 steps), "
-                             f"got {self.image_size}")
-        if self.image_size > MAX_IMAGE_SIZE:
-            raise InputError(f"--image-size must be at most {MAX_IMAGE_SIZE}, "
-                             f"got {self.image_size}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_image_and_batch(self.image_size, self.batch_size)
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.engine not in ENGINES:

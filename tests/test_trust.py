@@ -486,8 +486,9 @@ def test_finetune_bad_input_names_the_problem(workspace, tmp_path):
         ft.finetune(tmp_path / "nozoo", data, out)
     with pytest.raises(InputError, match="folder .* does not exist"):
         ft.finetune(zoo_dir, data, tmp_path / "no" / "r.json")
-    for bad in (ft.Settings(image_size=16), ft.Settings(epochs=0), ft.Settings(schedule="step"),
-                ft.Settings(learning_rates=(-1.0,)), ft.Settings(seeds=0),
+    for bad in (ft.Settings(image_size=16), ft.Settings(image_size=5000), ft.Settings(epochs=0),
+                ft.Settings(schedule="step"), ft.Settings(learning_rates=(-1.0,)),
+                ft.Settings(seeds=0),
                 ft.Settings(momentum=1.0),
                 ft.Settings(clip_norm=-1.0)):
         with pytest.raises(InputError, match="^--"):
