@@ -89,11 +89,7 @@ def entry_path(cache_dir: Path, model_sha256: str, data_fingerprint: str, image_
     "auto"). The engines agree to float32 rounding, not bit for bit, so features from one are
     never served as the other's: ``rank --engine jax`` scores the JAX engine's features even
     after an onnxruntime run filled the cache."""
-    # float32 on the JAX engine keeps the key it had before --dtype and --engine existed, so
-    # those entries stay valid.
-    setting = f"{image_size}" if dtype == "float32" else f"{image_size}|{dtype}"
-    if engine != "jax":
-        setting += f"|engine={engine}"
+    setting = f"{image_size}|{dtype}|{engine}"
     if checkpoint:
         setting += f"|{checkpoint}"
     key = hashlib.sha256(
@@ -178,8 +174,6 @@ class Entry:
                 arrays = {k: z[k] for k in z.files}
             record = json.loads(str(arrays.pop("cache_meta")))
             recorded, digest = record["settings"], record["content_sha256"]
-            # Entries written before the engine was recorded all came from the JAX engine.
-            recorded = {"engine": "jax", **recorded}
         except KeyError:
             return "carry no record of what they were made from"
         except Exception as e:  # noqa: BLE001 - zipfile/numpy/json raise many types

@@ -96,7 +96,7 @@ def test_the_key_covers_model_data_size_and_dtype(tmp_path):
     for change in ({"model_sha256": "b" * 64}, {"data_fingerprint": "e" * 64},
                    {"image_size": 192}, {"dtype": "bfloat16"}, {"engine": "onnxruntime"}):
         assert cache.entry_path(**{**key, **change}) != base, change
-    assert cache.entry_path(**key, engine="jax") == base  # the key entries had before --engine
+    assert cache.entry_path(**key, engine="jax") == base  # the defaults: float32, the JAX engine
 
 
 def recorded_settings(entry: Path) -> dict:
@@ -129,19 +129,6 @@ def test_each_engine_keeps_its_own_features(workspace, caplog):
     caplog.clear()
     assert len(rank(workspace, engine="jax").cached) == 1
     assert "were made from something else (differs in engine)" in caplog.text
-
-
-def test_entries_from_before_the_engine_was_recorded_are_the_jax_engines(workspace):
-    _, _, cache_dir = workspace
-    rank(workspace, engine="jax")
-    for p in cache_dir.glob("*.npz"):
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        record = json.loads(str(arrays.pop("cache_meta")))
-        del record["settings"]["engine"]
-        np.savez(p, **arrays, cache_meta=np.array(json.dumps(record, sort_keys=True)))
-    assert sorted(rank(workspace, engine="jax").cached) == ["alpha", "beta"]
-    assert rank(workspace, engine="onnxruntime").cached == []
 
 
 def test_the_data_fingerprint_sees_labels_names_sizes_and_mtimes(tmp_path):
