@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddscore_jax import cache, data, evaluate, finetune, model, sources, train, zoo
+from ddscore_jax import cache, data, evaluation, finetuning, model, sources, train, zoo
 from ddscore_jax.atomic import write_json_atomic
 from ddscore_jax.errors import InputError
 
@@ -75,14 +75,14 @@ class Config:
     pretrain_batch: int
     # Per target: (name, images per class in train/ + valid/, of which in train/).
     targets: tuple[tuple[str, int, int], ...]
-    finetune_settings: finetune.Settings
+    finetune_settings: finetuning.Settings
 
 
 FULL = Config(
     image_size=32, sources=("digits", "textures", "faces", "scenes"),
     targets=(("defects", 40, 16), ("digits", 40, 16), ("faces", 30, 16), ("scenes", 40, 16)),
     short_models=True, random_model=True, pretrain_steps=150, pretrain_batch=64,
-    finetune_settings=finetune.Settings(image_size=32, epochs=10),
+    finetune_settings=finetuning.Settings(image_size=32, epochs=10),
 )
 # Sized to run in two to three minutes on two quiet cores, compilation included. The cost is the
 # number of images through the network (pre-training and fine-tuning steps times batch size).
@@ -91,7 +91,7 @@ SMALL = Config(
     targets=(("defects", 20, 12), ("digits", 10, 5)),
     short_models=False, random_model=False, pretrain_steps=40, pretrain_batch=16,
     # One learning rate: a smoke test of the pipeline, not a ground truth.
-    finetune_settings=finetune.Settings(image_size=32, epochs=6, learning_rates=(1e-3,)),
+    finetune_settings=finetuning.Settings(image_size=32, epochs=6, learning_rates=(1e-3,)),
 )
 
 
@@ -353,7 +353,7 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
         t2 = time.monotonic()
         results = out / "results" / f"{target}.json"
         results.parent.mkdir(parents=True, exist_ok=True)
-        doc = finetune.finetune(target_zoo_dir, folder, results, cfg.finetune_settings,
+        doc = finetuning.finetune(target_zoo_dir, folder, results, cfg.finetune_settings,
                                 progress=_run_logger(log, t0))
         acc = {m["name"]: m["held_out_accuracy"] for m in doc["models"]}
         log(f"  scored in {t2 - t1:.0f} s, fine-tuned in {time.monotonic() - t2:.0f} s; "
@@ -372,14 +372,14 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
 
 
 def evaluate_target(out: Path, target: str, scores: Path,
-                    results: Path) -> tuple[evaluate.Evaluation, dict]:
+                    results: Path) -> tuple[evaluation.Evaluation, dict]:
     """``evaluate`` of one target (and its figure in ``out/figures``), the fine-tuning details
     per model, and tau_w against each single learning rate's accuracy (no selection)."""
-    result = evaluate.evaluate([scores], results)
+    result = evaluation.evaluate([scores], results)
     result.target = target
     figure = out / "figures" / f"{target}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
-    evaluate.plot(result, figure, title=f"target: {target}")
+    evaluation.plot(result, figure, title=f"target: {target}")
     doc = json.loads(results.read_text())
     runs = {m["name"]: {k: m[k] for k in ("held_out_accuracy_sd", "seed_accuracies",
                                           "best_learning_rate", "accuracy_by_learning_rate",
@@ -397,7 +397,7 @@ def fixed_rate_taus(scores: Path, doc: dict) -> dict[str, dict[str, list | None]
     which flatters the models that gain most from the choice; a conclusion that holds at every
     fixed rate does not rest on that choice.
     """
-    metrics, _ = evaluate.read_scores(scores)
+    metrics, _ = evaluation.read_scores(scores)
     names = {m["name"] for m in doc["models"]}
     out: dict[str, dict[str, list | None]] = {}
     for lr in sorted({r["learning_rate"] for r in doc["runs"]}):
@@ -406,10 +406,10 @@ def fixed_rate_taus(scores: Path, doc: dict) -> dict[str, dict[str, list | None]
             if r["learning_rate"] == lr and r["name"] in names:
                 per_seed.setdefault(r["name"], []).append(r["held_out_accuracy"])
         acc = {n: np.asarray(v) for n, v in per_seed.items()}
-        replicates = evaluate.accuracy_replicates(acc)
+        replicates = evaluation.accuracy_replicates(acc)
         row = {}
         for m in metrics:
-            ev = evaluate.evaluate_metric(m.scores, acc, m.metric, replicates=replicates)
+            ev = evaluation.evaluate_metric(m.scores, acc, m.metric, replicates=replicates)
             interval = ev.intervals.get("weighted_tau")
             row[m.metric] = (None if ev.weighted_tau is None
                              else [ev.weighted_tau, *(interval or (None, None))])
@@ -419,7 +419,7 @@ def fixed_rate_taus(scores: Path, doc: dict) -> dict[str, dict[str, list | None]
 
 def summarise_targets(report: dict) -> None:
     """The mean over targets of every statistic (from ``report["_evaluations"]``), in place."""
-    summary = evaluate.summarize(report.pop("_evaluations"))
+    summary = evaluation.summarize(report.pop("_evaluations"))
     report["mean_over_targets"] = summary.to_json()["mean_over_targets"]
     report["better_mean_weighted_tau"] = [list(p) for p in summary.better]
     report["targets_resampled"] = summary.targets_resampled
@@ -460,7 +460,7 @@ def _cell(value: float | None, interval) -> str:
 def table(report: dict) -> str:
     """tau_w per metric (rows) and target (columns), and the mean over targets; each with its 95%
     bootstrap interval where there is one (seeds within a target; targets and seeds for the
-    mean, or seeds alone with fewer than ``evaluate.MIN_TARGETS_RESAMPLED`` targets)."""
+    mean, or seeds alone with fewer than ``evaluation.MIN_TARGETS_RESAMPLED`` targets)."""
     targets = list(report["targets"])
     metrics: list[str] = []
     for t in targets:
@@ -477,7 +477,7 @@ def table(report: dict) -> str:
                          if found else "n/a")
         mean = report["mean_over_targets"].get(metric, {}).get("weighted_tau")
         cells.append(_cell(mean["mean"], mean["interval"]) if mean else "n/a")
-        lines.append(f"| {evaluate.label(metric)} | {' | '.join(cells)} |")
+        lines.append(f"| {evaluation.label(metric)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -495,7 +495,7 @@ def fixed_rate_table(report: dict) -> str:
         for t, lr in cols:
             v = report["targets"][t]["weighted_tau_at_fixed_rate"][lr].get(metric)
             cells.append("n/a" if v is None else _cell(v[0], None if v[1] is None else v[1:]))
-        lines.append(f"| {evaluate.label(metric)} | {' | '.join(cells)} |")
+        lines.append(f"| {evaluation.label(metric)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -524,13 +524,13 @@ def _print_report(report: dict, command: str) -> None:
           "accuracy, with 95% bootstrap intervals where there are any")
     print(table(report))
     if len(report["targets"]) > 1 and not report["targets_resampled"]:
-        print(f"(fewer than {evaluate.MIN_TARGETS_RESAMPLED} targets: the mean's interval is over "
-              "the seeds alone and speaks for these targets only)")
+        print(f"(fewer than {evaluation.MIN_TARGETS_RESAMPLED} targets: the mean's interval is "
+              "over the seeds alone and speaks for these targets only)")
     for a, b in report["better_mean_weighted_tau"]:
-        print(f"over the targets, {evaluate.label(a)} ranks better than {evaluate.label(b)}")
+        print(f"over the targets, {evaluation.label(a)} ranks better than {evaluation.label(b)}")
     for target, found in report["targets"].items():
         for a, b in found["better_weighted_tau"]:
-            print(f"on {target}, {evaluate.label(a)} ranks better than {evaluate.label(b)}")
+            print(f"on {target}, {evaluation.label(a)} ranks better than {evaluation.label(b)}")
     if any("finetune" in found for found in report["targets"].values()):
         print("\nfine-tuned held-out accuracy: mean ± sd over seeds at each model's best rate")
         print(accuracy_table(report))

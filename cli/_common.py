@@ -2,8 +2,8 @@
 place that turns exceptions into exit codes (docs/interface.md).
 
 Option defaults are read from the library's settings classes (:mod:`ddscore_jax.settings`,
-:class:`ddscore_jax.finetune.Settings`, :class:`ddscore_jax.evaluate.Settings`), never typed here,
-and their ``check`` is the one validation of the values; choices are ``Literal`` types, so
+:class:`ddscore_jax.finetuning.Settings`, :class:`ddscore_jax.evaluation.Settings`), never typed
+here, and their ``check`` is the one validation of the values; choices are ``Literal`` types, so
 ``--help`` lists them and Click refuses others with exit 2.
 """
 

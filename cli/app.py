@@ -101,7 +101,7 @@ def convert(
         help="Replace a different model that has the same name.")] = False,
 ) -> None:
     """Import ResNet v1 checkpoints into a model zoo, each on its own (exit 2 if any is refused)."""
-    from ddscore_jax.convert import convert_sources
+    from ddscore_jax.conversion import convert_sources
 
     try:
         with Bars() as bars:

@@ -1,7 +1,7 @@
 """``finetune`` and ``evaluate``: the ground truth for a ranking, and how well a ranking matches it.
 
 Registered on the root app by :func:`register`. Option defaults, choices and validation are those
-of :class:`ddscore_jax.finetune.Settings` and :class:`ddscore_jax.evaluate.Settings`.
+of :class:`ddscore_jax.finetuning.Settings` and :class:`ddscore_jax.evaluation.Settings`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ddscore_jax import evaluate as ev
-from ddscore_jax import finetune as ft
+from ddscore_jax import evaluation as ev
+from ddscore_jax import finetuning as ft
 from ddscore_jax.cli._common import Bars, JsonOpt, console, write_json
 from ddscore_jax.train import Optimizer, Schedule
 

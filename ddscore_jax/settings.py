@@ -1,6 +1,6 @@
 """The options of ``extract``, ``score`` and ``rank``: defaults and validation in one place.
 
-Frozen, as :class:`ddscore_jax.finetune.Settings` is for ``finetune``: the library's keyword
+Frozen, as :class:`ddscore_jax.finetuning.Settings` is for ``finetune``: the library's keyword
 defaults and the CLI's option defaults are read from these classes, and ``check`` is the one
 validation. ``rank`` is an :class:`ExtractSettings` plus a :class:`ScoreSettings`; its ``--json``
 ``settings`` block is :func:`to_json` of the pair.

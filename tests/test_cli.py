@@ -372,7 +372,7 @@ def test_every_option_default_and_choice_is_its_settings_objects():
 
     import typer
 
-    from ddscore_jax import evaluate, finetune, settings
+    from ddscore_jax import evaluation, finetuning, settings
     from ddscore_jax.cli.app import app
 
     commands = typer.main.get_command(app).commands
@@ -384,8 +384,8 @@ def test_every_option_default_and_choice_is_its_settings_objects():
         "score": [(settings.ScoreSettings, {"metrics": "metric"}, set())],
         "rank": [(settings.ExtractSettings, {}, set()),
                  (settings.ScoreSettings, {"metrics": "metric"}, set())],
-        "finetune": [(finetune.Settings, {"learning_rates": "learning_rate"}, set())],
-        "evaluate": [(evaluate.Settings, {}, {"seed"})],  # seeded: fixed, recorded in the docs
+        "finetune": [(finetuning.Settings, {"learning_rates": "learning_rate"}, set())],
+        "evaluate": [(evaluation.Settings, {}, {"seed"})],  # seeded: fixed, recorded in the docs
     }
     for command, sources in built_from.items():
         options = {p.name: p for p in commands[command].params}
@@ -411,7 +411,7 @@ def test_every_option_default_and_choice_is_its_settings_objects():
         assert set(options) - covered <= plumbing, (command, set(options) - covered - plumbing)
     # The options with a fixed set of values are Literals (listed by --help), not free strings.
     for cls, name in ((settings.ExtractSettings, "dtype"), (settings.ExtractSettings, "engine"),
-                      (finetune.Settings, "optimizer"), (finetune.Settings, "schedule")):
+                      (finetuning.Settings, "optimizer"), (finetuning.Settings, "schedule")):
         assert typing.get_origin(typing.get_type_hints(cls)[name]) is typing.Literal, name
 
 

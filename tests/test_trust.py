@@ -18,8 +18,8 @@ from helpers import cli_in_process as invoke
 from PIL import Image
 from scipy import stats
 
-from ddscore_jax import evaluate as ev
-from ddscore_jax import finetune as ft
+from ddscore_jax import evaluation as ev
+from ddscore_jax import finetuning as ft
 from ddscore_jax import model, zoo
 from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.errors import InputError

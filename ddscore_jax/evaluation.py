@@ -61,7 +61,7 @@ MIN_BOOTSTRAP = 100
 @dataclass(frozen=True)
 class Settings:
     """How ``evaluate`` resamples: the defaults of the library's keywords and of the CLI's options,
-    and their validation (as :class:`ddscore_jax.finetune.Settings` is for ``finetune``)."""
+    and their validation (as :class:`ddscore_jax.finetuning.Settings` is for ``finetune``)."""
 
     bootstrap: int = 1000  # replicates per interval
     seed: int = 0  # of the replicates: the same seed repeats every interval exactly
