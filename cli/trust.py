@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ddscore_jax import evaluation as ev
 from ddscore_jax import finetuning as ft
@@ -29,8 +30,10 @@ def register(app: typer.Typer) -> None:
 def finetune(
     zoo_dir: Annotated[Path, typer.Argument(help="Model zoo folder (made by `convert`).")],
     data_root: Annotated[Path, typer.Argument(
-        help="Data set with train/ and valid/ inside: every model is fine-tuned on train/ and "
-             "tested on valid/ (held out; score DATA/train only).")],
+        help="Data set with train/, valid/ and best test/ inside: every model is fine-tuned on "
+             "train/, its learning rate chosen on valid/ and its accuracy measured on test/ "
+             "(without test/, valid/ is halved per class with a fixed seed; score DATA/train "
+             "only).")],
     out: Annotated[Path, typer.Option(
         "--out", help="Results file (JSON). Models already in it with the same checkpoint, data "
                       "and settings are skipped, so an interrupted run resumes.")],
@@ -62,7 +65,8 @@ def finetune(
              "layer4.")] = _D.seed,
     json_out: JsonOpt = None,
 ) -> None:
-    """Fine-tune every zoo model on DATA/train and record its accuracy on DATA/valid."""
+    """Fine-tune every zoo model on DATA/train, choose its rate on the selection split and
+    record its accuracy on the test split."""
     grid = tuple(learning_rate) if learning_rate else _D.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
                            optimizer=optimizer, learning_rates=grid, momentum=momentum,
@@ -70,16 +74,22 @@ def finetune(
                            flip=flip, seeds=seeds, seed=seed)
     with Bars() as bars:
         doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars)
-    table = Table(title=f"{data_root}: held-out accuracy after fine-tuning "
-                        f"({doc['dataset']['held_out']['n_images']} images in valid/)",
-                  caption=f"results: {out}")
-    for col, justify in (("model", "left"), ("accuracy", "right"), ("sd", "right"),
+    selection = doc["dataset"].get("selection")
+    table = Table(title=Text(f"{data_root}: test accuracy after fine-tuning "
+                             f"({doc['dataset']['held_out']['n_images']} test images"
+                             + ("" if selection is None else
+                                f", the rate chosen on {selection['n_images']} others") + ")"),
+                  caption=Text(f"{doc['dataset'].get('layout', '')}; results: {out}"))
+    for col, justify in (("model", "left"), ("test accuracy", "right"), ("sd", "right"),
+                         ("selection acc.", "right"),
                          ("best lr", "right"), ("layer4", "left"), ("train loss", "right"),
                          ("seconds", "right")):
         table.add_column(col, justify=justify)
     for m in sorted(doc["models"], key=lambda m: -m["held_out_accuracy"]):
-        table.add_row(m["name"], f"{m['held_out_accuracy']:.4f}",
+        chose = m.get("selection_accuracy")
+        table.add_row(Text(m["name"]), f"{m['held_out_accuracy']:.4f}",
                       f"{m.get('held_out_accuracy_sd', 0.0):.4f}",
+                      "n/a" if chose is None else f"{chose:.4f}",
                       f"{m.get('best_learning_rate', float('nan')):g}", m["layer4"],
                       f"{m['final_train_loss']:.4f}", f"{m['seconds']:.1f}")
     console.print(table)

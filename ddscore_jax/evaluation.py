@@ -428,8 +428,9 @@ def _check_no_leak(scores_path: str, scored: dict, finetuned: dict) -> None:
     # The one mistake that makes the whole evaluation meaningless: scoring images the accuracy is
     # measured on. Only detectable when the scores name their data folder (`rank` does).
     root = scored.get("root")
-    held = finetuned.get("held_out", {}) if isinstance(finetuned.get("held_out"), dict) else {}
-    for leaky in (finetuned.get("root"), held.get("root")):
+    parts = [finetuned.get(k) for k in ("held_out", "test", "selection")]
+    roots = [p.get("root") for p in parts if isinstance(p, dict)]
+    for leaky in (finetuned.get("root"), *roots):
         if _same_path(root, leaky):
             raise InputError(f"{scores_path}: scores were computed on {root}, which contains the "
                              f"held-out images of the fine-tuning; score DATA/train only")

@@ -2,10 +2,14 @@
 
 Protocol (docs/finetune.md has the reasons):
 
-- Data. ``DATA`` must hold ``train/`` and ``valid/`` (class sub-folders, the same classes). Every
-  model is fine-tuned on ``train/`` and tested at the end of each run on ``valid/``: the held-out
-  split. The scores to evaluate against these accuracies must come from ``DATA/train`` only
-  (``rank ZOO DATA/train``), so that no metric sees a held-out image.
+- Data. ``DATA`` holds ``train/``, ``valid/`` and, best, ``test/`` (class sub-folders, the same
+  classes). Every model is fine-tuned on ``train/``; each run is tested once, after its last step,
+  on the selection split and on the test split. ``valid/`` is the selection split and ``test/``
+  the test split. Without ``test/``, ``valid/`` is cut in two, per class with a fixed seed
+  (:data:`SPLIT_SEED`): the first half (rounded down) selects, the rest tests; with a grid of one
+  learning rate there is nothing to choose and all of ``valid/`` tests. The scores to evaluate
+  against these accuracies must come from ``DATA/train`` only (``rank ZOO DATA/train``), so that
+  no metric sees a held-out image.
 - Network. The whole imported ResNet (conv1 to ``layer4``, with its own BatchNorm layers) plus a
   new zero-initialised linear classifier with one output per target class. A zoo model without
   ``layer4`` (a backbone-only checkpoint) gets one initialised as torchvision does (Kaiming
@@ -15,9 +19,11 @@ Protocol (docs/finetune.md has the reasons):
   AdamW (or SGD with momentum) with a fixed weight decay, gradients clipped to a global norm,
   cosine decay of the learning rate to zero over the run (or constant), every model on the same
   seeded sequence of batches, no augmentation unless ``flip``.
-- Selection, as the transferability literature does it: per model, every learning rate of a
-  small grid, each with ``seeds`` repeats; a model's accuracy is the mean over seeds at the rate
-  whose mean is best (the seeds' accuracies and their spread are recorded beside it).
+- Selection, as the transferability literature does it, without its optimism: per model, every
+  learning rate of a small grid, each with ``seeds`` repeats; the rate is the one whose mean
+  accuracy on the *selection* split is best, and the model's accuracy is the mean over seeds of
+  its *test* accuracy at that rate (the seeds' accuracies, their spread and every run's test
+  predictions are recorded beside it). No test image takes part in any choice.
 
 Results are a JSON file rewritten atomically after every run (model, learning rate, seed), so an
 interrupted run keeps what it finished, and a run already in the file with the same checkpoint,
@@ -42,9 +48,15 @@ from ddscore_jax.progress import Progress
 from ddscore_jax.settings import check_image_and_batch
 
 RESULTS_KIND = "ddscore-jax finetune results"
-RESULTS_VERSION = 2
-HELD_OUT = "valid"
+# 3: a selection split beside the test split; runs record both accuracies and the predictions.
+RESULTS_VERSION = 3
 TRAIN = "train"
+SELECTION = "valid"
+TEST = "test"
+HELD_OUT = SELECTION  # the held-out folder a DATA of two splits has (older name)
+# The cut of valid/ into selection and test halves (when DATA has no test/) does not move with
+# --seed: changing the training seeds must not change which images are tested.
+SPLIT_SEED = 0
 # What a run's record is matched on besides model, data, learning rate and seed: the settings
 # that are not the grid itself, so that widening the grid or adding seeds reuses every run done.
 _GRID_FIELDS = ("learning_rates", "seeds", "seed")
@@ -137,28 +149,74 @@ def network(imported: ImportedModel, num_classes: int, *,
 
 @dataclass(frozen=True)
 class Split:
-    """``DATA/train`` and ``DATA/valid`` as two data sets with the same classes."""
+    """The training, selection and test images of ``DATA``, with the same classes.
+
+    ``selection`` is None when nothing is chosen (one learning rate) and ``DATA`` has no
+    ``test/``: then all of ``valid/`` tests. ``layout`` says where each part came from.
+    """
 
     root: Path
     train: data.Dataset
-    held_out: data.Dataset
+    selection: data.Dataset | None
+    test: data.Dataset
+    layout: str
+
+    @property
+    def held_out(self) -> data.Dataset:
+        return self.test
 
 
-def scan_split(data_root: str | os.PathLike) -> Split:
-    """Index ``DATA/train`` and ``DATA/valid``; InputError if either is missing or they differ."""
+def _subset(dataset: data.Dataset, keep: np.ndarray) -> data.Dataset:
+    keep = np.sort(keep)
+    return data.Dataset(dataset.root, tuple(dataset.paths[i] for i in keep),
+                        dataset.labels[keep], dataset.classes)
+
+
+def halve(dataset: data.Dataset, seed: int = SPLIT_SEED) -> tuple[data.Dataset, data.Dataset]:
+    """``(selection, test)``: per class, a seeded permutation's first half (rounded down) and the
+    rest, so a class of one image is tested, never only selected on."""
+    rng = np.random.default_rng(seed)
+    pick, rest = [], []
+    for c in range(len(dataset.classes)):
+        idx = rng.permutation(np.flatnonzero(dataset.labels == c))
+        pick.append(idx[:len(idx) // 2])
+        rest.append(idx[len(idx) // 2:])
+    return (_subset(dataset, np.concatenate(pick).astype(np.int64)),
+            _subset(dataset, np.concatenate(rest).astype(np.int64)))
+
+
+def scan_split(data_root: str | os.PathLike, *, choose: bool = True) -> Split:
+    """Index ``DATA``'s splits (module docstring); ``choose``: whether a learning rate is to be
+    chosen (more than one in the grid). InputError if a split is missing or the classes differ."""
     root = Path(data_root)
     if not root.is_dir():
         raise InputError(f"{root}: data folder does not exist")
-    for part in (TRAIN, HELD_OUT):
+    for part in (TRAIN, SELECTION):
         if not (root / part).is_dir():
-            raise InputError(f"{root}: fine-tuning needs {TRAIN}/ and {HELD_OUT}/ sub-folders "
-                             f"(no {part}/); {HELD_OUT}/ is the held-out test split, and scores "
-                             f"to evaluate must come from {TRAIN}/ alone")
-    train, held = data.scan(root / TRAIN), data.scan(root / HELD_OUT)
-    if train.classes != held.classes:
-        raise InputError(f"{root / HELD_OUT}: classes {list(held.classes)} differ from those of "
-                         f"{root / TRAIN} {list(train.classes)}")
-    return Split(root, train, held)
+            raise InputError(f"{root}: fine-tuning needs {TRAIN}/ and {SELECTION}/ sub-folders "
+                             f"(no {part}/), and best a {TEST}/ too: {SELECTION}/ selects the "
+                             f"learning rate, {TEST}/ gives the accuracy, and scores to "
+                             f"evaluate must come from {TRAIN}/ alone")
+    parts = [TRAIN, SELECTION] + ([TEST] if (root / TEST).is_dir() else [])
+    scanned = {part: data.scan(root / part) for part in parts}
+    train = scanned[TRAIN]
+    for part in parts[1:]:
+        if scanned[part].classes != train.classes:
+            raise InputError(f"{root / part}: classes {list(scanned[part].classes)} differ from "
+                             f"those of {root / TRAIN} {list(train.classes)}")
+    if TEST in scanned:
+        return Split(root, train, scanned[SELECTION], scanned[TEST],
+                     f"{SELECTION}/ selects, {TEST}/ tests")
+    if not choose:
+        return Split(root, train, None, scanned[SELECTION],
+                     f"one learning rate, nothing chosen: all of {SELECTION}/ tests")
+    selection, test = halve(scanned[SELECTION])
+    if not len(selection):
+        raise InputError(f"{root / SELECTION}: too few images to halve into a selection and a "
+                         f"test split (one per class); add a {TEST}/ folder or more images")
+    return Split(root, train, selection, test,
+                 f"no {TEST}/: {SELECTION}/ halved per class (seed {SPLIT_SEED}), the first half "
+                 "selects, the rest tests")
 
 
 def _load_all(dataset: data.Dataset, image_size: int, what: str,
@@ -194,25 +252,36 @@ def read_results(path: str | os.PathLike) -> dict:
 def summarise(entry: zoo.ZooEntry, runs: list[dict], settings: Settings) -> dict:
     """A model's line of the results from its runs (every learning rate x seed of the grid).
 
-    ``held_out_accuracy`` is the mean over seeds at ``best_learning_rate``, the rate with the best
-    mean (the smaller rate on a tie); ``seed_accuracies`` and ``held_out_accuracy_sd`` (sample
-    standard deviation, 0 for one seed) are at that rate.
+    ``best_learning_rate`` is the rate with the best mean *selection* accuracy (the smaller rate
+    on a tie; the only rate when nothing is chosen); ``held_out_accuracy`` is the mean *test*
+    accuracy over the seeds at that rate, with ``seed_accuracies``, ``held_out_accuracy_sd``
+    (sample standard deviation, 0 for one seed) and ``test_correct`` (per seed, one character per
+    test image in the order of ``dataset.test.labels``: 1 right, 0 wrong) at that rate.
     """
     by_lr: dict[float, list[dict]] = {}
     for r in runs:
         by_lr.setdefault(r["learning_rate"], []).append(r)
-    means = {lr: float(np.mean([r["held_out_accuracy"] for r in rs])) for lr, rs in by_lr.items()}
-    best = max(sorted(means), key=lambda lr: means[lr])
+    test = {lr: float(np.mean([r["held_out_accuracy"] for r in rs])) for lr, rs in by_lr.items()}
+    select = {lr: float(np.mean([r["selection_accuracy"] for r in rs]))
+              for lr, rs in by_lr.items() if all(r.get("selection_accuracy") is not None
+                                                 for r in rs)}
+    if len(by_lr) > 1 and len(select) != len(by_lr):
+        raise ValueError(f"{entry.name}: a grid of rates needs a selection accuracy per run")
+    best = max(sorted(by_lr), key=lambda lr: select.get(lr, 0.0))
     chosen = sorted(by_lr[best], key=lambda r: r["seed"])
     acc = [r["held_out_accuracy"] for r in chosen]
     return {
         "name": entry.name, "arch": entry.config.name, "sha256": entry.sha256,
-        "held_out_accuracy": means[best],
+        "held_out_accuracy": test[best],
         "held_out_accuracy_sd": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
         "seed_accuracies": acc, "seeds": [r["seed"] for r in chosen],
         "best_learning_rate": best,
-        "accuracy_by_learning_rate": {f"{lr:g}": means[lr] for lr in sorted(means)},
+        "selected_on": "selection" if select else "nothing to choose",
+        "selection_accuracy": select.get(best),
+        "accuracy_by_learning_rate": {f"{lr:g}": test[lr] for lr in sorted(test)},
+        "selection_accuracy_by_learning_rate": {f"{lr:g}": select[lr] for lr in sorted(select)},
         "n_held_out": chosen[0]["n_held_out"], "correct": [r["correct"] for r in chosen],
+        "test_correct": [r["test_correct"] for r in chosen],
         "final_train_loss": float(np.mean([r["final_train_loss"] for r in chosen])),
         "layer4": chosen[0]["layer4"], "batchnorm": chosen[0]["batchnorm"],
         "steps": chosen[0]["steps"],
@@ -227,12 +296,15 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
              results: str | os.PathLike, settings: Settings = Settings(), *,
              progress: Progress | None = None) -> dict:
     """Fine-tune every model of ``zoo_dir`` on ``DATA/train`` at every learning rate and seed of
-    ``settings``; test each run on ``DATA/valid``.
+    ``settings``; test each run on the selection and test splits (:func:`scan_split`).
 
     Writes (and returns) the results document after every run: ``{"kind", "version", "dataset",
-    "settings", "runs": [{"name", "sha256", "learning_rate", "seed", "held_out_accuracy",
-    "correct", "n_held_out", "final_train_loss", "layer4", "batchnorm", "steps", "seconds",
-    "settings", "train_fingerprint", "held_out_fingerprint"}], "models": [:func:`summarise`]}``,
+    "settings", "runs": [{"name", "sha256", "learning_rate", "seed", "held_out_accuracy" (test),
+    "correct", "n_held_out", "test_correct", "test_predictions", "selection_accuracy" (None
+    without a selection split), "selection_correct", "n_selection", "final_train_loss", "layer4",
+    "batchnorm", "steps", "seconds", "settings", "train_fingerprint", "held_out_fingerprint",
+    "selection_fingerprint"}], "models": [:func:`summarise`]}``; ``dataset`` names every split's
+    folder and size, how they were made (``layout``), and the test labels in order,
     models in zoo order, each once all its runs are done. Runs already there with the same
     checkpoint, data, settings, rate and seed are kept, not repeated; entries of models not in
     this zoo are kept too.
@@ -242,10 +314,11 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     if not results.parent.is_dir():
         raise InputError(f"{results}: folder {results.parent} does not exist")
     doc = read_results(results)
-    split = scan_split(data_root)
+    split = scan_split(data_root, choose=len(settings.learning_rates) > 1)
     entries = zoo.read_nonempty(zoo_dir)
     train_fp = cache.dataset_fingerprint(split.train)
-    held_fp = cache.dataset_fingerprint(split.held_out)
+    held_fp = cache.dataset_fingerprint(split.test)
+    select_fp = None if split.selection is None else cache.dataset_fingerprint(split.selection)
     run_settings = settings.run_settings()
     seeds = [settings.seed + k for k in range(settings.seeds)]
     grid = [(lr, s) for lr in settings.learning_rates for s in seeds]
@@ -253,18 +326,26 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     def same(r: dict, entry: zoo.ZooEntry) -> bool:
         return (r.get("name") == entry.name and r.get("sha256") == entry.sha256
                 and r.get("settings") == run_settings and r.get("train_fingerprint") == train_fp
-                and r.get("held_out_fingerprint") == held_fp)
+                and r.get("held_out_fingerprint") == held_fp
+                and r.get("selection_fingerprint") == select_fp)
 
     def found(entry: zoo.ZooEntry, lr: float, seed: int) -> dict | None:
         return next((r for r in doc["runs"] if same(r, entry) and r.get("learning_rate") == lr
                      and r.get("seed") == seed), None)
 
+    test_root = str(split.test.root.resolve())
+    test_block = {"root": test_root, "n_images": len(split.test),
+                  "labels": [int(v) for v in split.test.labels]}
     doc.update({
-        "dataset": {"root": str(split.root.resolve()),
+        "dataset": {"root": str(split.root.resolve()), "layout": split.layout,
                     "train": {"root": str((split.root / TRAIN).resolve()),
                               "n_images": len(split.train)},
-                    "held_out": {"root": str((split.root / HELD_OUT).resolve()),
-                                 "n_images": len(split.held_out)},
+                    "selection": None if split.selection is None else {
+                        "root": str(split.selection.root.resolve()),
+                        "n_images": len(split.selection)},
+                    "test": test_block,
+                    # The older name of the test split, which readers of version 2 look for.
+                    "held_out": {"root": test_root, "n_images": len(split.test)},
                     "classes": list(split.train.classes)},
         "settings": settings.to_json(),
     })
@@ -291,8 +372,13 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
 
     cache.enable_compilation_cache()
     x_train = _load_all(split.train, settings.image_size, "training", progress)
-    x_held = _load_all(split.held_out, settings.image_size, "held-out", progress)
-    y_train, y_held = split.train.labels, split.held_out.labels
+    # Selection and test images in one array: each run's network sees them in one pass.
+    n_select = 0 if split.selection is None else len(split.selection)
+    x_held = _load_all(split.test, settings.image_size, "test", progress)
+    if split.selection is not None:
+        x_held = np.concatenate([_load_all(split.selection, settings.image_size, "selection",
+                                           progress), x_held])
+    y_train, y_held = split.train.labels, split.test.labels
     steps = train.schedule_length(settings.batch_size, settings.epochs, len(y_train))[1]
     loaded: dict[str, ImportedModel] = {}
     for k, (entry, lr, seed) in enumerate(todo):
@@ -313,15 +399,23 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
 
         state, loss = trainer.train(state, x_train, y_train, steps, seed=seed, on_step=on_step)
         pred = np.argmax(trainer.logits(state, x_held, min(settings.batch_size, 256)), axis=1)
-        correct = int(np.sum(pred == y_held))
+        chose, pred = pred[:n_select], pred[n_select:]
+        right = pred == y_held
+        correct = int(np.sum(right))
+        picked = (None if split.selection is None
+                  else int(np.sum(chose == split.selection.labels)))
         doc["runs"].append({
             "name": entry.name, "sha256": entry.sha256, "learning_rate": lr, "seed": seed,
             "held_out_accuracy": correct / len(y_held), "n_held_out": len(y_held),
-            "correct": correct, "final_train_loss": loss,
+            "correct": correct, "test_correct": "".join("1" if v else "0" for v in right),
+            "test_predictions": [int(v) for v in pred],
+            "selection_accuracy": None if picked is None else picked / n_select,
+            "selection_correct": picked, "n_selection": n_select,
+            "final_train_loss": loss,
             "layer4": "pretrained" if pretrained else "fresh", "batchnorm": config.batchnorm,
             "steps": steps, "seconds": round(time.monotonic() - started, 2),
             "settings": run_settings, "train_fingerprint": train_fp,
-            "held_out_fingerprint": held_fp,
+            "held_out_fingerprint": held_fp, "selection_fingerprint": select_fp,
         })
         refresh()
         atomic.write_json_atomic(results, doc)

@@ -7,6 +7,7 @@ in a subprocess; the benchmark's ``--small`` run as CI runs it.
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -330,9 +331,11 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     by_name = {m["name"]: m for m in doc["models"]}
     assert by_name["r18_full"]["layer4"] == "pretrained"
     assert by_name["r18_backbone"]["layer4"] == "fresh"
+    # No test/: valid/ (5 per class) is halved, 2 per class select and 3 test.
+    assert doc["dataset"]["selection"]["n_images"] == 6
     for m in doc["models"]:
-        assert m["n_held_out"] == 15 and m["steps"] == 3  # ceil(2 epochs * 33 / 32)
-        assert m["held_out_accuracy"] == np.mean(m["correct"]) / 15
+        assert m["n_held_out"] == 9 and m["steps"] == 3  # ceil(2 epochs * 33 / 32)
+        assert m["held_out_accuracy"] == np.mean(m["correct"]) / 9
         assert m["best_learning_rate"] in (1e-3, 1e-4) and len(m["seed_accuracies"]) == 1
         assert set(m["accuracy_by_learning_rate"]) == {"0.001", "0.0001"}
         assert np.isfinite(m["final_train_loss"])
@@ -430,9 +433,13 @@ def test_grid_and_seeds_are_recorded_and_resume_without_repeating(workspace, tmp
     for m in doc["models"]:
         runs = {(r["learning_rate"], r["seed"]): r["held_out_accuracy"] for r in doc["runs"]
                 if r["name"] == m["name"]}
+        chose = {(r["learning_rate"], r["seed"]): r["selection_accuracy"] for r in doc["runs"]
+                 if r["name"] == m["name"]}
         means = {lr: (runs[lr, 5] + runs[lr, 6]) / 2 for lr in (1e-3, 1e-4)}
+        select = {lr: (chose[lr, 5] + chose[lr, 6]) / 2 for lr in (1e-3, 1e-4)}
         best = m["best_learning_rate"]
-        assert means[best] == max(means.values()) == m["held_out_accuracy"]
+        assert select[best] == max(select.values()) == m["selection_accuracy"]
+        assert means[best] == m["held_out_accuracy"]
         assert m["seed_accuracies"] == [runs[best, 5], runs[best, 6]] and m["seeds"] == [5, 6]
         assert m["held_out_accuracy_sd"] == pytest.approx(np.std(m["seed_accuracies"], ddof=1))
     assert {m["name"]: m["layer4"] for m in doc["models"]} == {"r18_full": "pretrained",
@@ -446,6 +453,52 @@ def test_grid_and_seeds_are_recorded_and_resume_without_repeating(workspace, tmp
                 i == 1 else None)
     assert len(trained) == 4 and all("seed 7" in d for d in trained)
     assert all(len(m["seed_accuracies"]) == 3 for m in json.loads(results.read_text())["models"])
+
+
+def _run(lr: float, seed: int, select: float, test: float, n: int = 10) -> dict:
+    right = round(test * n)
+    return {"learning_rate": lr, "seed": seed, "selection_accuracy": select,
+            "held_out_accuracy": test, "n_held_out": n, "correct": right,
+            "test_correct": "1" * right + "0" * (n - right), "final_train_loss": 0.1,
+            "layer4": "pretrained", "batchnorm": True, "steps": 1, "seconds": 1.0,
+            "train_fingerprint": "t", "held_out_fingerprint": "h"}
+
+
+def test_the_rate_is_chosen_on_the_selection_split_alone():
+    # 1e-3 is best on the selection split, 1e-4 on the test split: the choice follows selection,
+    # and the accuracy reported is the test accuracy at the chosen rate (not the best test one).
+    entry = zoo.ZooEntry("m", "resnet18", model.CONFIGS["resnet18"], "s", "f", "0" * 64, "c")
+    runs = [_run(1e-3, 0, 0.9, 0.5), _run(1e-3, 1, 0.8, 0.6),
+            _run(1e-4, 0, 0.6, 0.9), _run(1e-4, 1, 0.7, 1.0)]
+    m = ft.summarise(entry, runs, ft.Settings(learning_rates=(1e-3, 1e-4), seeds=2))
+    assert m["best_learning_rate"] == 1e-3 and m["selected_on"] == "selection"
+    assert m["selection_accuracy"] == pytest.approx(0.85)
+    assert m["held_out_accuracy"] == pytest.approx(0.55) and m["seed_accuracies"] == [0.5, 0.6]
+    assert m["accuracy_by_learning_rate"]["0.0001"] == pytest.approx(0.95)  # recorded, unused
+    assert m["test_correct"] == ["1" * 5 + "0" * 5, "1" * 6 + "0" * 4]
+    # Swap the selection accuracies and the choice follows them, whatever the test says.
+    for r in runs:
+        r["selection_accuracy"] = 1.5 - r["selection_accuracy"]
+    assert ft.summarise(entry, runs, ft.Settings(learning_rates=(1e-3, 1e-4),
+                                                 seeds=2))["best_learning_rate"] == 1e-4
+
+
+def test_splits_train_valid_test_and_halved_valid(tmp_path):
+    for part, n in (("train", 3), ("valid", 5), ("test", 4)):
+        write_image_folder(tmp_path / "three" / part, per_class=n, classes=("a", "b"))
+    split = ft.scan_split(tmp_path / "three")
+    assert (len(split.selection), len(split.test)) == (10, 8)
+    assert split.test.root == tmp_path / "three" / "test"
+    # Two splits: valid/ halved per class, disjoint, the same cut whatever the training seed.
+    shutil.rmtree(tmp_path / "three" / "test")
+    split = ft.scan_split(tmp_path / "three")
+    chosen, tested = set(split.selection.paths), set(split.test.paths)
+    assert (len(chosen), len(tested)) == (4, 6) and not chosen & tested
+    assert [int((split.selection.labels == c).sum()) for c in (0, 1)] == [2, 2]
+    assert ft.scan_split(tmp_path / "three").selection.paths == split.selection.paths
+    # One rate: nothing is chosen, all of valid/ tests.
+    split = ft.scan_split(tmp_path / "three", choose=False)
+    assert split.selection is None and len(split.test) == 10
 
 
 @pytest.mark.parametrize("case,message", [
