@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -76,6 +77,7 @@ class Config:
     # Per target: (name, images per class in train/ + valid/, of which in train/).
     targets: tuple[tuple[str, int, int], ...]
     finetune_settings: finetuning.Settings
+    pretrain_flip: bool = False  # random horizontal flips in pre-training
 
 
 FULL = Config(
@@ -157,50 +159,92 @@ def _fresh(config: model.ResNetConfig, seed: int):
     return model.from_state_dict(model.init_state_dict(config, seed), config)
 
 
+PRETRAINING_LOG = "pretraining.json"
+
+
 def build_zoo(cfg: Config, zoo_dir: Path, log, folders: Sequence[Folder] = (),
               images_per_class: int | None = None,
               short_folders_only: bool = False) -> dict[str, Path | None]:
     """Pre-train a ResNet18 per source (and the short and random extras); write the zoo.
 
     ``folders`` are more sources, each pre-trained on (at most ``images_per_class`` of each
-    class of) its images; ``short_folders_only`` gives only them a short-trained copy. Returns
-    ``{model: the source folder it was pre-trained on, or None}``.
+    class of; all by default) its images; ``short_folders_only`` gives only them a
+    short-trained copy. Resumable: each model joins the zoo as soon as it is trained, with its
+    line in ``zoo_dir/pretraining.json``, and a model already there is not trained again (the
+    log also holds the recipe, which a resumed run must share). Returns ``{model: the source
+    folder it was pre-trained on, or None}``.
     """
+    # Flips: the one augmentation the trainer has; pre-training sees each image several times.
     recipe = train.Recipe(batch_size=cfg.pretrain_batch, optimizer="adamw", learning_rate=1e-3,
-                          weight_decay=1e-4, schedule="cosine")
+                          weight_decay=1e-4, schedule="cosine", flip=cfg.pretrain_flip)
+    plan_doc = {"image_size": cfg.image_size, "recipe": dataclasses.asdict(recipe),
+                "pretrain_steps": cfg.pretrain_steps, "images_per_class": images_per_class,
+                "sources": list(cfg.sources), "folders": {f.name: str(f.path) for f in folders},
+                "short_models": cfg.short_models, "short_folders_only": short_folders_only,
+                "random_model": cfg.random_model}
+    log_path = zoo_dir / PRETRAINING_LOG
+    present = {e.name for e in zoo.read(zoo_dir, allow_missing=True)}
+    if present and not log_path.exists():
+        raise ValueError(f"{zoo_dir}: holds a zoo of an older benchmark (no {PRETRAINING_LOG}); "
+                         "give a new --out")
+    done = json.loads(log_path.read_text()) if log_path.exists() else {"plan": plan_doc,
+                                                                         "models": {}}
+    if done["plan"] != plan_doc:
+        raise ValueError(f"{zoo_dir}: holds a zoo pre-trained with other settings "
+                         f"({log_path}); give a new --out")
+    tasks = [(name, None) for name in cfg.sources] + [(f.name, f.path) for f in folders]
+    lengths_of = {}
+    for name, folder in tasks:
+        lengths = [("", cfg.pretrain_steps)]
+        if cfg.short_models and (folder is not None or not short_folders_only):
+            lengths.append(("_short", max(1, cfg.pretrain_steps // 6)))
+        lengths_of[name] = lengths
+    origin: dict[str, Path | None] = {f"{ARCH}_{name}{suffix}": folder
+                                      for name, folder in tasks for suffix, _ in lengths_of[name]}
+    if cfg.random_model:
+        origin[f"{ARCH}_random"] = None
+    missing = [n for n in origin if n not in present or n not in done["models"]]
+    if not missing:
+        log(f"  the zoo is complete ({len(origin)} models): nothing to pre-train")
+        return origin
+    # Every folder, even one whose models are done: the head width depends on all of them.
     loaded = {f.name: load_folder(f.path, cfg.image_size, images_per_class, log)
               for f in folders}
     # One head width for every source (so one compiled train step): the widest source's.
     width = max([SOURCE_CLASSES] + [len(classes) for _, _, classes in loaded.values()])
     config = dataclasses.replace(model.CONFIGS[ARCH], num_classes=width)
     trainer = train.Trainer(config, recipe)
-    additions = []
-    origin: dict[str, Path | None] = {}
-    tasks = [(name, None) for name in cfg.sources] + [(f.name, f.path) for f in folders]
+
+    def record(name: str, state, line: dict) -> None:
+        zoo.add(zoo_dir, [_addition(name, config, state)], overwrite=True)
+        done["models"][name] = line
+        write_json_atomic(log_path, done)
+
     for k, (name, folder) in enumerate(tasks):
+        if not any(f"{ARCH}_{name}{suffix}" in missing for suffix, _ in lengths_of[name]):
+            continue
         if folder is None:
             task = source_task(name)
             x, y = to_inputs(task.images, cfg.image_size), task.labels
         else:
             x, y, _ = loaded[name]
-        lengths = [("", cfg.pretrain_steps)]
-        if cfg.short_models and (folder is not None or not short_folders_only):
-            lengths.append(("_short", max(1, cfg.pretrain_steps // 6)))
-        for suffix, steps in lengths:
+        for suffix, steps in lengths_of[name]:
+            full = f"{ARCH}_{name}{suffix}"
+            if full not in missing:
+                continue
             started = time.monotonic()
             state = _fresh(config, SEED + k)
             state, loss = trainer.train(state, x, y, steps, seed=SEED + k)
             probe = np.random.default_rng(SEED).permutation(len(x))[:128]
             acc = trainer.accuracy(state, x[probe], y[probe], 128)
-            log(f"  pre-trained {ARCH}_{name}{suffix}: {len(x)} images, {steps} steps, "
-                f"loss {loss:.3f}, accuracy on {len(probe)} of them {acc:.3f}, "
-                f"{time.monotonic() - started:.0f} s")
-            additions.append(_addition(f"{ARCH}_{name}{suffix}", config, state))
-            origin[additions[-1].name] = folder
-    if cfg.random_model:
-        additions.append(_addition(f"{ARCH}_random", config, _fresh(config, SEED + 99)))
-        origin[additions[-1].name] = None
-    zoo.add(zoo_dir, additions)
+            seconds = time.monotonic() - started
+            log(f"  pre-trained {full}: {len(x)} images, {steps} steps, loss {loss:.3f}, "
+                f"accuracy on {len(probe)} of them {acc:.3f}, {seconds:.0f} s, "
+                f"load {os.getloadavg()[0]:.1f}")
+            record(full, state, {"images": len(x), "steps": steps, "loss": loss,
+                                 "train_accuracy_probe": acc, "seconds": round(seconds, 1)})
+    if f"{ARCH}_random" in missing:
+        record(f"{ARCH}_random", _fresh(config, SEED + 99), {"steps": 0})
     return origin
 
 
@@ -252,11 +296,13 @@ def load_folder(folder: Path, image_size: int, per_class: int | None,
 
 
 def split_target(folder: Path, dest: Path, train_per_class: int,
-                 valid_per_class: int | None) -> Path:
-    """The target's ``train/`` + ``valid/`` folder: ``folder`` itself when it has them, else a
-    seeded stratified split of its images into ``dest`` (links to the originals): per class
-    ``train_per_class`` to ``train/`` (half the class when it is smaller than twice that) and up
-    to ``valid_per_class`` of the others to ``valid/``."""
+                 valid_per_class: int | None, test_per_class: int | None = None) -> Path:
+    """The target's split folder: ``folder`` itself when it has ``train/`` + ``valid/``, else a
+    seeded stratified split of its images into ``dest`` (links to the originals). Per class:
+    ``train_per_class`` to ``train/`` (half the class when it is smaller than twice that); with
+    ``test_per_class``, up to ``valid_per_class`` of the others to ``valid/`` (the selection
+    split; at most half of what is left) and up to ``test_per_class`` of the rest to ``test/``;
+    without it, up to ``valid_per_class`` of the others to ``valid/`` alone."""
     if _has_split(folder):
         return folder
     dataset = data.scan(folder)
@@ -266,12 +312,20 @@ def split_target(folder: Path, dest: Path, train_per_class: int,
         n_train = min(train_per_class, len(idx) // 2)
         if n_train < 1:
             raise ValueError(f"{folder / cls}: needs at least 2 images to split, has {len(idx)}")
-        rest = idx[n_train:] if valid_per_class is None else idx[n_train:n_train + valid_per_class]
-        for part, chosen in (("train", idx[:n_train]), ("valid", rest)):
+        rest = idx[n_train:]
+        if test_per_class is None:
+            parts = [("valid", rest if valid_per_class is None else rest[:valid_per_class])]
+        else:
+            n_select = len(rest) // 2 if valid_per_class is None else min(valid_per_class,
+                                                                          len(rest) // 2)
+            parts = [("valid", rest[:n_select]), ("test", rest[n_select:][:test_per_class])]
+        for part, chosen in (("train", idx[:n_train]), *parts):
             (dest / part / cls).mkdir(parents=True, exist_ok=True)
             for i in chosen:
                 src = dataset.root / dataset.paths[i]
                 link = dest / part / cls / f"{i:05d}_{src.name}"
+                if link.is_symlink() or link.exists():
+                    continue  # a resumed run: the same seed made the same split
                 try:
                     link.symlink_to(src)
                 except OSError:  # no symlinks here: copy
@@ -311,8 +365,9 @@ def score_all(zoo_dir: Path, train_dir: Path, image_size: int, scores: Path) -> 
 
 def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
         targets: Sequence[Folder] = (), train_per_class: int = 30,
-        valid_per_class: int | None = 30, source_images_per_class: int | None = None,
-        short_folders_only: bool = False) -> dict:
+        valid_per_class: int | None = 30, test_per_class: int | None = None,
+        source_images_per_class: int | None = None,
+        short_folders_only: bool = False, zoo_only: bool = False) -> dict:
     cache.enable_compilation_cache()
     t0 = time.monotonic()
     zoo_dir = out / "zoo"
@@ -321,13 +376,18 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
                        short_folders_only)
     names = list(origin)
     timings = {"zoo": time.monotonic() - t0}
+    pretraining = json.loads((zoo_dir / PRETRAINING_LOG).read_text())["models"]
     report: dict = {
         "config": {**{k: v for k, v in cfg.__dict__.items() if k != "finetune_settings"},
                    "short_folders_only": short_folders_only,
                    "source_images_per_class": source_images_per_class,
-                   "train_per_class": train_per_class, "valid_per_class": valid_per_class},
+                   "train_per_class": train_per_class, "valid_per_class": valid_per_class,
+                   "test_per_class": test_per_class},
         "finetune_settings": cfg.finetune_settings.__dict__, "models": names, "targets": {},
-        "sources": {f.name: str(f.path) for f in sources}}
+        "sources": {f.name: str(f.path) for f in sources}, "pretraining": pretraining}
+    if zoo_only:
+        report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+        return report
     if targets:
         plan = [(t.name, t.path) for t in targets]
     else:
@@ -340,14 +400,18 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
             write_target(target_task(target, per_class), folder, train_per_class_)
         else:
             folder = split_target(source_folder, out / "targets" / target, train_per_class,
-                                  valid_per_class)
+                                  valid_per_class, test_per_class)
         # A model pre-trained on this target's own images is left out of its zoo.
         excluded = [m for m, f in origin.items() if f is not None and source_folder is not None
                     and f == source_folder]
         target_zoo_dir = target_zoo(zoo_dir, out / "zoos" / target, excluded)
-        train, held = data.scan(folder / "train"), data.scan(folder / "valid")
-        log(f"target {target}: {len(train.classes)} classes, {len(train)} train / {len(held)} "
-            f"held-out images" + (f"; left out: {', '.join(excluded)}" if excluded else ""))
+        split = finetuning.scan_split(folder,
+                                      choose=len(cfg.finetune_settings.learning_rates) > 1)
+        train, held = split.train, split.test
+        n_select = 0 if split.selection is None else len(split.selection)
+        log(f"target {target}: {len(train.classes)} classes, {len(train)} train / {n_select} "
+            f"selection / {len(held)} test images ({split.layout})"
+            + (f"; left out: {', '.join(excluded)}" if excluded else ""))
         scores = out / "scores" / f"{target}.json"
         score_all(target_zoo_dir, folder / "train", cfg.image_size, scores)
         t2 = time.monotonic()
@@ -361,7 +425,8 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
                                               sorted(acc.items(), key=lambda kv: -kv[1])))
         result, found = evaluate_target(out, target, scores, results)
         report["targets"][target] = {"accuracy": acc, "excluded": excluded,
-                                     "n_train": len(train), "n_held_out": len(held), **found}
+                                     "n_train": len(train), "n_selection": n_select,
+                                     "n_held_out": len(held), **found}
         report.setdefault("_evaluations", []).append(result)
         timings[target] = time.monotonic() - t1
         log(f"  done in {timings[target]:.0f} s")
@@ -381,10 +446,10 @@ def evaluate_target(out: Path, target: str, scores: Path,
     figure.parent.mkdir(parents=True, exist_ok=True)
     evaluation.plot(result, figure, title=f"target: {target}")
     doc = json.loads(results.read_text())
-    runs = {m["name"]: {k: m[k] for k in ("held_out_accuracy_sd", "seed_accuracies",
-                                          "best_learning_rate", "accuracy_by_learning_rate",
-                                          "layer4")}
-            for m in doc["models"]}
+    runs = {m["name"]: {k: m.get(k) for k in (
+        "held_out_accuracy_sd", "seed_accuracies", "best_learning_rate", "selection_accuracy",
+        "accuracy_by_learning_rate", "selection_accuracy_by_learning_rate", "layer4")}
+        for m in doc["models"]}
     return result, {"finetune": runs, "weighted_tau_at_fixed_rate": fixed_rate_taus(scores, doc),
                     **result.to_json()}
 
@@ -554,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a target (repeatable); given, they replace the packaged targets")
     parser.add_argument("--no-packaged-sources", action="store_true",
                         help="only the --source folders as sources")
+    parser.add_argument("--packaged-sources", metavar="A,B",
+                        help="only these of the packaged sources (comma-separated)")
     parser.add_argument("--short-models", choices=("all", "folders"), default="all",
                         help="which sources also get a short-trained copy (full run; default "
                              "all; folders: only the --source folders)")
@@ -562,11 +629,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="a folder target without train/ + valid/: images per class in "
                              "train/ (default 30; at most half the class)")
     parser.add_argument("--valid-per-class", type=int, default=30,
-                        help="...and at most this many of the others in valid/ (default 30)")
+                        help="...and at most this many of the others in valid/, the selection "
+                             "split (default 30)")
+    parser.add_argument("--test-per-class", type=int,
+                        help="...and at most this many of the rest in test/, the test split "
+                             "(default: no test/; then finetune halves valid/ when it chooses)")
     parser.add_argument("--source-images-per-class", type=int,
                         help="pre-train a folder source on at most this many images per class")
     parser.add_argument("--pretrain-steps", type=int, help="steps per source model")
     parser.add_argument("--pretrain-batch", type=int, help="batch size of the pre-training")
+    parser.add_argument("--pretrain-flip", action="store_true",
+                        help="random horizontal flips in pre-training")
+    parser.add_argument("--zoo-only", action="store_true",
+                        help="build (or finish) the zoo in --out and stop; the same command "
+                             "without it later resumes from that zoo")
     parser.add_argument("--epochs", type=float, help="fine-tuning epochs")
     parser.add_argument("--batch-size", type=int, help="fine-tuning batch size")
     parser.add_argument("--seeds", type=int, help="fine-tuning repeats per learning rate (the "
@@ -612,6 +688,14 @@ def main(argv: list[str] | None = None) -> int:
             print("--no-packaged-sources needs --source", file=sys.stderr)
             return 2
         cfg = replace(cfg, sources=(), random_model=cfg.random_model)
+    if args.packaged_sources:
+        chosen = tuple(args.packaged_sources.split(","))
+        unknown = [n for n in chosen if n not in FULL.sources]
+        if unknown:
+            print(f"--packaged-sources: {', '.join(unknown)} not among "
+                  f"{', '.join(FULL.sources)}", file=sys.stderr)
+            return 2
+        cfg = replace(cfg, sources=chosen)
     clash = {f.name for f in sources} & set(cfg.sources)
     if clash:
         print(f"--source {', '.join(sorted(clash))}: a packaged source has that name",
@@ -621,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, image_size=size,
                   pretrain_steps=args.pretrain_steps or cfg.pretrain_steps,
                   pretrain_batch=args.pretrain_batch or cfg.pretrain_batch,
+                  pretrain_flip=args.pretrain_flip or cfg.pretrain_flip,
                   finetune_settings=replace(
                       cfg.finetune_settings, image_size=size,
                       epochs=args.epochs or cfg.finetune_settings.epochs,
@@ -628,10 +713,11 @@ def main(argv: list[str] | None = None) -> int:
                       seeds=args.seeds or cfg.finetune_settings.seeds,
                       learning_rates=tuple(args.learning_rate)
                       or cfg.finetune_settings.learning_rates))
-    out = args.out or Path(tempfile.mkdtemp(prefix="ddscore-transfer-"))
-    if args.out and (out / "zoo").exists():
-        print(f"{out}: already holds a benchmark; give an empty or new --out", file=sys.stderr)
+    if args.zoo_only and args.out is None:
+        print("--zoo-only needs --out (the zoo it builds is for a later run)", file=sys.stderr)
         return 2
+    # An --out that holds a run resumes it: its finished models and fine-tuning runs are kept.
+    out = args.out or Path(tempfile.mkdtemp(prefix="ddscore-transfer-"))
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
@@ -640,13 +726,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(cfg, out, log, sources=sources, targets=targets,
                      train_per_class=args.train_per_class, valid_per_class=args.valid_per_class,
+                     test_per_class=args.test_per_class,
                      source_images_per_class=args.source_images_per_class,
-                     short_folders_only=args.short_models == "folders")
+                     short_folders_only=args.short_models == "folders",
+                     zoo_only=args.zoo_only)
+    except ValueError as e:  # a zoo of other settings in --out
+        print(e, file=sys.stderr)
+        return 2
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
     command = "python benchmarks/transfer_zoo.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])
+    if args.zoo_only:
+        print(f"zoo of {len(report['models'])} models in {out / 'zoo'} "
+              f"({report['seconds']['zoo']:.0f} s)")
+        return 0
     _print_report(report, command)
     if args.json:
         write_json_atomic(args.json, report)
