@@ -113,6 +113,11 @@ class MetricEvaluation:
     # Bootstrap replicates per statistic (NaN where undefined): for the paired comparisons and
     # the mean over targets, not written out.
     replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # Per statistic: its distribution for random rankings of the same models (null_summary),
+    # the one-sided p of the observed value against it, and the draws (not written out).
+    null: dict[str, dict] = field(default_factory=dict)
+    null_p: dict[str, float | None] = field(default_factory=dict)
+    null_replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def value(self, statistic: str) -> float | None:
         if statistic.startswith("rel@"):
@@ -126,6 +131,7 @@ class MetricEvaluation:
                 **{f"rel@{k}": v for k, v in self.rel_at.items()},
                 "intervals": {k: None if v is None else list(v)
                               for k, v in self.intervals.items()},
+                "null": self.null, "null_p": self.null_p,
                 "models": [{"name": n, "score": s, "accuracy": a, "accuracy_sd": sd,
                             "seeds": k}
                            for n, s, a, sd, k in zip(self.models, self.scores, self.accuracies,
@@ -234,6 +240,34 @@ def read_seed_accuracies(path: str | os.PathLike) -> tuple[dict[str, np.ndarray]
     return acc, dataset
 
 
+def test_correctness(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """``({model: (seeds, n_test) bool, right or wrong per test image}, test labels (n_test,))``
+    from a ``finetune`` results file that records them (version 3: ``test_correct`` per model,
+    ``dataset.test.labels``), in the seed order of ``seed_accuracies``; None when any model lacks
+    them or they disagree with its accuracies (then only the seeds can be resampled)."""
+    doc = _read_json(Path(path))
+    dataset = doc.get("dataset") if isinstance(doc, dict) else None
+    test = dataset.get("test") if isinstance(dataset, dict) else None
+    labels = test.get("labels") if isinstance(test, dict) else None
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(labels, list) or not labels or not isinstance(models, list) or not models:
+        return None
+    out = {}
+    for m in models:
+        rows = m.get("test_correct") if isinstance(m, dict) else None
+        acc = m.get("seed_accuracies") if isinstance(m, dict) else None
+        if (not isinstance(rows, list) or not rows or not isinstance(acc, list)
+                or len(acc) != len(rows)
+                or not all(isinstance(r, str) and len(r) == len(labels) and set(r) <= {"0", "1"}
+                           for r in rows)):
+            return None
+        right = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
+        if not np.allclose(right.mean(axis=1), acc):
+            return None
+        out[m["name"]] = right
+    return out, np.asarray(labels, dtype=np.int64)
+
+
 def read_accuracies(path: str | os.PathLike) -> tuple[dict[str, float], dict]:
     """``{model: held-out accuracy (mean over seeds)}`` and the ``dataset`` of a results file."""
     acc, dataset = read_seed_accuracies(path)
@@ -330,16 +364,85 @@ def _interval(values: np.ndarray) -> tuple[float, float] | None:
 
 def accuracy_replicates(seed_accuracies: Mapping[str, np.ndarray],
                         n_boot: int = Settings.bootstrap,
-                        seed: int = Settings.seed) -> dict[str, np.ndarray]:
+                        seed: int = Settings.seed, *,
+                        correct: Mapping[str, np.ndarray] | None = None,
+                        labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``{model: (n_boot,) bootstrap means of its seed accuracies}``: each replicate draws as many
-    seeds as the model has, with replacement, independently per model."""
+    seeds as the model has, with replacement, independently per model.
+
+    With ``correct`` (per model, (seeds, n_test) right/wrong per test image, seeds in the order
+    of ``seed_accuracies``) and ``labels`` (n_test,), each replicate also redraws the test set:
+    within each class as many of its test images as it has, with replacement (the split is
+    stratified), the same draw for every model (they were tested on the same images); a seed's
+    accuracy is then its mean correctness over the drawn images. This puts the held-out sampling
+    noise into the intervals, beside the seeds'.
+    """
     rng = np.random.default_rng(seed)
+    weights = None
+    if correct is not None and labels is not None:
+        labels = np.asarray(labels)
+        weights = np.zeros((n_boot, len(labels)))  # times each test image is drawn
+        rows = np.arange(n_boot)[:, None]
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            draws = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
+            np.add.at(weights, (np.broadcast_to(rows, draws.shape), draws), 1.0)
+        weights /= len(labels)
     out = {}
     for name, values in seed_accuracies.items():
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         draws = rng.integers(0, len(values), size=(n_boot, len(values)))
-        out[name] = values[draws].mean(axis=1)
+        if weights is None:
+            out[name] = values[draws].mean(axis=1)
+        else:
+            per_seed = np.asarray(correct[name], np.float64) @ weights.T  # (seeds, n_boot)
+            out[name] = np.take_along_axis(per_seed.T, draws, axis=1).mean(axis=1)
     return out
+
+
+NULL_STATISTICS = STATISTICS
+
+
+def null_replicates(accuracies: Sequence[float], n_boot: int = Settings.bootstrap,
+                    seed: int = Settings.seed, rel_at: Sequence[int] = REL_AT
+                    ) -> dict[str, np.ndarray]:
+    """Every statistic for ``n_boot`` random rankings of these models (uniform permutations,
+    against the same mean accuracies): what a metric with no information scores on this zoo.
+    With 7 models tau_w takes few values and a wide spread; this is what an observed value is to
+    be read against."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    rng = np.random.default_rng(seed + 2)
+    m = len(a)
+    if m < 2:
+        return {k: np.full(n_boot, np.nan) for k in NULL_STATISTICS}
+    perms = np.argsort(rng.random((n_boot, m)), axis=1)
+    ranks = np.argsort(perms, axis=1).astype(np.float64)  # a random score per model
+    # tau_w, Kendall tau and Pearson are symmetric in their two arguments: the accuracies play
+    # the scores' part here, so one vectorised call serves every random ranking.
+    out = _replicate_statistics(a, -ranks, np.argsort(-a, kind="stable"), ())
+    best = a.max()
+    for k in rel_at:
+        out[f"rel@{k}"] = (a[perms[:, :k]].max(axis=1) / best if best > 0
+                           else np.full(n_boot, np.nan))
+    return {k: out[k] for k in NULL_STATISTICS}
+
+
+def null_summary(values: np.ndarray) -> dict:
+    """``{"mean", "interval", "p95"}`` of a null distribution: its mean, its central 95% and its
+    95th percentile (the value a metric must beat for one-sided p < 0.05)."""
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return {"mean": None, "interval": None, "p95": None}
+    return {"mean": float(finite.mean()), "interval": list(_interval(finite) or (None, None)),
+            "p95": float(np.percentile(finite, 95))}
+
+
+def null_p(observed: float | None, values: np.ndarray) -> float | None:
+    """One-sided p: the share of random rankings that do at least as well as ``observed``."""
+    finite = values[np.isfinite(values)]
+    if observed is None or not len(finite):
+        return None
+    return float(np.mean(finite >= observed - 1e-12))
 
 
 def evaluate_metric(scores: dict[str, float],
@@ -348,12 +451,15 @@ def evaluate_metric(scores: dict[str, float],
                     rel_at: Sequence[int] = REL_AT, *,
                     replicates: Mapping[str, np.ndarray] | None = None,
                     n_boot: int = Settings.bootstrap,
-                    seed: int = Settings.seed) -> MetricEvaluation:
+                    seed: int = Settings.seed,
+                    images_resampled: bool = False) -> MetricEvaluation:
     """Compare one metric's scores with accuracies over the models both have.
 
     ``accuracies[name]`` is one accuracy or one per fine-tuning seed; the statistics use the mean,
     the intervals a bootstrap over the seeds (``replicates``, from :func:`accuracy_replicates`,
-    when several metrics must share them; drawn here from ``seed`` otherwise). The models keep
+    when several metrics must share them; drawn here from ``seed`` otherwise;
+    ``images_resampled``: they redraw the test images too, so there is spread even with one
+    seed per model). The models keep
     the order of ``scores`` (a ranking lists them best first), which decides ties in ``rel@k``.
     """
     per_seed = {n: np.asarray(v, dtype=np.float64).reshape(-1) for n, v in accuracies.items()}
@@ -368,18 +474,21 @@ def evaluate_metric(scores: dict[str, float],
         replicates = accuracy_replicates({n: per_seed[n] for n in names}, n_boot, seed)
     reps = (np.stack([replicates[n] for n in names], axis=1) if names
             else np.zeros((n_boot, 0)))
-    spread = any(k > 1 for k in seeds)
+    spread = images_resampled or any(k > 1 for k in seeds)
     boot = _replicate_statistics(s, reps, order, rel_at)
     if not spread:  # nothing to resample: the replicates are the point value itself
         boot = {k: np.full(len(reps), np.nan if v is None else v) for k, v in point.items()}
     intervals = {k: _interval(boot[k]) if spread and point[k] is not None else None
                  for k in point}
+    null = null_replicates(a, n_boot, seed, rel_at)
     return MetricEvaluation(
         metric=metric, n_models=len(names),
         weighted_tau=point["weighted_tau"], kendall_tau=point["kendall_tau"],
         pearson=point["pearson"], rel_at={k: point[f"rel@{k}"] for k in rel_at},
         models=names, scores=s.tolist(), accuracies=a.tolist(), accuracy_sd=sd, seeds=seeds,
-        intervals=intervals, replicates=boot)
+        intervals=intervals, replicates=boot,
+        null={k: null_summary(v) for k, v in null.items()},
+        null_p={k: null_p(point[k], v) for k, v in null.items()}, null_replicates=null)
 
 
 def _better(metrics: Sequence[MetricEvaluation], statistic: str = "weighted_tau"
@@ -407,9 +516,11 @@ class Evaluation:
     dropped: dict[str, list[str]]  # per metric: models with a score but no accuracy
     target: str = ""
     better: list[tuple[str, str]] = field(default_factory=list)  # (A, B): A's tau_w is higher
+    resampled: str = "seeds"  # what the intervals redraw: "seeds" or "seeds and test images"
 
     def to_json(self) -> dict:
-        return {"target": self.target, "metrics": [m.to_json() for m in self.metrics],
+        return {"target": self.target, "resampled": self.resampled,
+                "metrics": [m.to_json() for m in self.metrics],
                 "better_weighted_tau": [list(p) for p in self.better],
                 "scores": self.scores_files, "accuracies": self.accuracies_file,
                 "models_without_accuracy": self.dropped}
@@ -459,20 +570,23 @@ def evaluate(scores_paths: Sequence[str | os.PathLike],
     for m in all_metrics:
         if names.count(m.metric) > 1:
             m.metric = f"{m.metric} ({Path(m.source).stem})"
-    replicates = accuracy_replicates(accuracies, n_boot, seed)
+    found = test_correctness(accuracies_path)
+    correct, labels = found if found is not None else (None, None)
+    replicates = accuracy_replicates(accuracies, n_boot, seed, correct=correct, labels=labels)
     results, dropped = [], {}
     for m in all_metrics:
         missing = [n for n in m.scores if n not in accuracies]
         if missing:
             dropped[m.metric] = missing
         ev = evaluate_metric(m.scores, accuracies, m.metric, replicates=replicates,
-                             n_boot=n_boot, seed=seed)
+                             n_boot=n_boot, seed=seed, images_resampled=correct is not None)
         if ev.n_models == 0:
             raise InputError(f"{m.source}: no model of metric {m.metric!r} is in "
                              f"{accuracies_path}")
         results.append(ev)
     return Evaluation(results, [str(p) for p in scores_paths], str(accuracies_path), dropped,
-                      target=_target_name(accuracies_path, finetuned), better=_better(results))
+                      target=_target_name(accuracies_path, finetuned), better=_better(results),
+                      resampled="seeds and test images" if correct is not None else "seeds")
 
 
 @dataclass
@@ -487,10 +601,14 @@ class Summary:
     # Whether the intervals resample the targets (MIN_TARGETS_RESAMPLED or more) or only the
     # seeds within these targets.
     targets_resampled: bool = True
+    # null[metric][statistic]: the mean over these targets for independent random rankings of
+    # each target's models (null_summary, plus "p": the share at least the observed mean).
+    null: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"targets": [t.to_json() for t in self.targets],
                 "targets_resampled": self.targets_resampled,
+                "null_mean_over_targets": self.null,
                 "mean_over_targets": {
                     m: {k: {"mean": v, "interval": None if iv is None else list(iv)}
                         for k, (v, iv) in stats_.items()} for m, stats_ in self.mean.items()},
@@ -511,6 +629,11 @@ def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = Settings.boots
              else np.broadcast_to(np.arange(len(evaluations)), (n_boot, len(evaluations))))
     mean: dict[str, dict] = {}
     boot: dict[str, dict[str, np.ndarray]] = {}
+    null: dict[str, dict[str, dict]] = {}
+    # Each target's random rankings in an order of their own, so that targets of the same size
+    # (drawn from the same seed) do not rank alike in the same replicate.
+    shuffles = [np.random.default_rng(seed + 3 + i).permutation(n_boot)
+                for i in range(len(evaluations))]
     for metric in metrics:
         found = [next((m for m in e.metrics if m.metric == metric), None) for e in evaluations]
         mean[metric], boot[metric] = {}, {}
@@ -530,6 +653,15 @@ def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = Settings.boots
                 warnings.simplefilter("ignore")
                 values = np.nanmean(picked, axis=1)
             boot[metric][statistic] = values
+            nulls = [m.null_replicates[statistic][shuffles[i]] for i, m in enumerate(found)
+                     if m is not None and len(m.null_replicates.get(statistic, ())) == n_boot]
+            if nulls:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    drawn = np.nanmean(np.stack(nulls), axis=0)
+                observed = float(np.nanmean(points))
+                null.setdefault(metric, {})[statistic] = {**null_summary(drawn),
+                                                          "p": null_p(observed, drawn)}
             interval = _interval(values) if (resampled and len(evaluations) > 1) or any(
                 m is not None and m.intervals.get(statistic) for m in found) else None
             mean[metric][statistic] = (float(np.nanmean(points)), interval)
@@ -543,7 +675,7 @@ def summarize(evaluations: Sequence[Evaluation], *, n_boot: int = Settings.boots
             diff = _interval(boot[a]["weighted_tau"] - boot[b]["weighted_tau"])
             if diff is not None and diff[0] > 0:
                 better.append((a, b))
-    return Summary(list(evaluations), mean, better, targets_resampled=resampled)
+    return Summary(list(evaluations), mean, better, targets_resampled=resampled, null=null)
 
 
 def evaluate_targets(groups: Sequence[tuple[Sequence[str | os.PathLike], str | os.PathLike]],

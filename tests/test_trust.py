@@ -163,6 +163,64 @@ def test_one_seed_has_no_interval_and_targets_give_one(tmp_path):
         ev.group_files(groups[:3])
 
 
+def test_test_images_are_resampled_stratified_and_paired(tmp_path):
+    # Six test images, classes 0 0 0 1 1 2; one seed per model. "a" is right exactly on class 0,
+    # so a stratified redraw keeps its accuracy at 3/6 in every replicate; "b" has the same
+    # correctness as "a" and must get the same replicates (one draw of images for all models);
+    # "c" is right on one image only, so its accuracy moves with the draw.
+    labels = [0, 0, 0, 1, 1, 2]
+    rows = {"a": "111000", "b": "111000", "c": "100000", "d": "111111"}
+    doc = {"kind": ft.RESULTS_KIND, "version": 3,
+           "dataset": {"test": {"labels": labels, "n_images": 6}},
+           "models": [{"name": n, "held_out_accuracy": r.count("1") / 6,
+                       "seed_accuracies": [r.count("1") / 6], "test_correct": [r]}
+                      for n, r in rows.items()]}
+    path = _write(tmp_path / "r.json", doc)
+    correct, got_labels = ev.test_correctness(path)
+    assert got_labels.tolist() == labels and correct["c"].tolist() == [[1, 0, 0, 0, 0, 0]]
+    acc = {n: np.array([r.count("1") / 6]) for n, r in rows.items()}
+    reps = ev.accuracy_replicates(acc, 500, 0, correct=correct, labels=got_labels)
+    assert np.allclose(reps["a"], 0.5) and np.allclose(reps["d"], 1.0)
+    assert np.array_equal(reps["a"], reps["b"])
+    assert len(np.unique(reps["c"])) > 2 and abs(reps["c"].mean() - 1 / 6) < 0.02
+    # One seed, yet an interval: the test images are resampled.
+    scores = {"a": 3.0, "c": 1.0, "d": 2.0}
+    result = ev.evaluate_metric(scores, acc, "x", replicates=reps, n_boot=500,
+                                images_resampled=True)
+    assert result.intervals["kendall_tau"] is not None
+    assert ev.evaluate_metric(scores, acc, "x").intervals["kendall_tau"] is None
+    # A correctness string that disagrees with the recorded accuracy: not used.
+    doc["models"][0]["test_correct"] = ["111100"]
+    assert ev.test_correctness(_write(tmp_path / "bad.json", doc)) is None
+
+
+def test_null_distribution_of_random_rankings():
+    # Three models: Kendall's tau of a uniformly random ranking is -1, -1/3, 1/3 or 1 with
+    # probabilities 1/6, 2/6, 2/6, 1/6; rel@1 of a random pick averages mean(a) / max(a).
+    a = [0.5, 0.7, 0.9]
+    null = ev.null_replicates(a, 6000, 0)
+    values, counts = np.unique(np.round(null["kendall_tau"], 6), return_counts=True)
+    assert values.tolist() == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+    assert counts / 6000 == pytest.approx([1 / 6, 2 / 6, 2 / 6, 1 / 6], abs=0.02)
+    assert null["rel@1"].mean() == pytest.approx(np.mean(a) / 0.9, abs=0.01)
+    assert np.all(null["rel@3"] == 1.0)
+    # The perfect ranking: only the random rankings that are perfect too do as well.
+    perfect = ev.evaluate_metric({"a": 1.0, "b": 2.0, "c": 3.0},
+                                 {"a": 0.5, "b": 0.7, "c": 0.9}, "x", n_boot=6000)
+    assert perfect.weighted_tau == 1.0
+    assert perfect.null_p["weighted_tau"] == pytest.approx(1 / 6, abs=0.02)
+    assert perfect.null["weighted_tau"]["mean"] == pytest.approx(0.0, abs=0.05)
+    # Over targets: the mean of independent random rankings is narrower than one target's.
+    evs = [ev.Evaluation([ev.evaluate_metric({"a": 1.0, "b": 2.0, "c": 3.0},
+                                             {"a": 0.5, "b": 0.7, "c": 0.9}, "x")],
+                         [], "", {}, target=f"t{i}") for i in range(4)]
+    summary = ev.summarize(evs)
+    one = evs[0].metrics[0].null["kendall_tau"]["interval"]
+    four = summary.null["x"]["kendall_tau"]["interval"]
+    assert four[1] - four[0] < one[1] - one[0]
+    assert summary.null["x"]["kendall_tau"]["p"] < 0.01  # perfect on all four: rare by chance
+
+
 def test_seeds_are_read_from_results(tmp_path):
     doc = {"kind": ft.RESULTS_KIND, "models": [
         {"name": "a", "held_out_accuracy": 0.8,
