@@ -142,7 +142,7 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = _S.train_frac
     """D-deepscore (or ``metrics``) of every ``*.npz`` feature file in ``feats_dir`` (all from one
     data set). Metrics that need the source classifier (LEEP, NCE) need ``rank``. ``progress``
     hears when the metrics compile (once per feature shape, all metrics together) and run."""
-    settings = ScoreSettings(train_fraction, seed, tuple(metrics)).check()
+    settings = ScoreSettings(train_fraction, seed, tuple(metrics)).check(METRICS)
     metrics = list(settings.metrics)
     for m in metrics:
         if METRICS[m].needs_head:
@@ -203,7 +203,7 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
          engine: Engine = _E.engine) -> Ranking:
     """Extract (or reuse cached) features of every zoo model on ``data_root`` and rank them by
     the first of ``metrics`` (D-deepscore by default), reporting all of them."""
-    scoring = ScoreSettings(train_fraction, seed, tuple(metrics)).check()
+    scoring = ScoreSettings(train_fraction, seed, tuple(metrics)).check(METRICS)
     forward = ExtractSettings(batch_size, image_size, dtype, workers, engine).check()
     # The engine that will run keys the cache ("auto" is onnxruntime on some machines, jax on
     # others); a refusal (onnxruntime not installed) comes here, before any work.

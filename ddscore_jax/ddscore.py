@@ -21,9 +21,7 @@ import numpy as np
 # The feature points D-deepscore averages: model.SCORE_BLOCKS (docs/method.md).
 from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
-from ddscore_jax.settings import ScoreSettings
-
-RCOND = 1e-10  # the reference's pinv cut-off
+from ddscore_jax.settings import RCOND, ScoreSettings
 
 
 def precision_for(backend: str | None = None) -> str:
