@@ -469,13 +469,18 @@ def _gbc_one(f: jax.Array, lab: _Labels) -> jax.Array:
     # Two-pass variance: subtract each row's class mean before squaring.
     resid = f - onehot @ means
     per_dim = (onehot.T @ resid**2) / counts[:, None]  # (C, d)
+    return _gbc_from_moments(means, per_dim)
+
+
+def _gbc_from_moments(means: jax.Array, per_dim: jax.Array) -> jax.Array:
+    """GBC from the class means (C, d) and per-dimension class variances (C, d)."""
     var = jnp.maximum(per_dim, GBC_VARIANCE_FLOOR).mean(axis=1)  # (C,)
     avg = (var[:, None] + var[None, :]) / 2
     sq = jnp.sum((means[:, None, :] - means[None, :, :]) ** 2, axis=-1)
     dist = sq / (8 * avg) + 0.5 * (jnp.log(avg) - 0.5 * (jnp.log(var)[:, None]
                                                           + jnp.log(var)[None, :]))
     bc = jnp.exp(-dist)
-    off = 1.0 - jnp.eye(bc.shape[0], dtype=f.dtype)
+    off = 1.0 - jnp.eye(bc.shape[0], dtype=means.dtype)
     return -jnp.sum(bc * off)
 
 

@@ -91,5 +91,5 @@ def test_the_package_imports_run_one_way():
         if name not in state:
             visit(name, [])
     assert "settings" in graph["ddscore"] and "ddscore" not in graph["settings"]
-    for m in ("settings", "ddscore", "metrics"):
+    for m in ("settings", "ddscore", "metrics", "resample"):
         subprocess.run([sys.executable, "-c", f"import ddscore_jax.{m}"], check=True)
