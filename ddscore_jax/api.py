@@ -49,6 +49,9 @@ class Ranking:
     settings: dict
     cached: list[str] = field(default_factory=list)  # models whose features came from the cache
     refused: list[str] = field(default_factory=list)  # models not ranked: non-finite features
+    # rank only: the zoo folder and each model's checkpoint sha256, so that a saved ranking can
+    # be checked against the zoo it is used with (finetune --top; ddscore_jax.shortlist).
+    zoo: dict | None = None
 
     @property
     def metric_names(self) -> list[str]:
@@ -101,6 +104,7 @@ class Ranking:
             "dataset": self.dataset,
             "settings": self.settings,
             "refused": self.refused,
+            **({"zoo": self.zoo} if self.zoo is not None else {}),
         }
 
     def rows(self) -> tuple[list[str], list[list]]:
@@ -457,7 +461,10 @@ def _rank(zoo_dir, data_root, scoring: ScoreSettings, forward: ExtractSettings, 
     _warn_if_all_tie(ranked, len(dataset))
     info = {"root": readable(str(Path(data_root).resolve())), "n_images": len(dataset),
             "classes": list(dataset.classes)}
-    return Ranking(ranked, info, settings_json(scoring, precision, forward), cached, refused)
+    zoo_info = {"root": readable(str(Path(zoo_dir).resolve())),
+                "sha256": {e.name: e.sha256 for e in entries}}
+    return Ranking(ranked, info, settings_json(scoring, precision, forward), cached, refused,
+                   zoo_info)
 
 
 def convert(sources: str | os.PathLike | Sequence[str | os.PathLike],
