@@ -80,7 +80,8 @@ class ScoreSettings:
     train_fraction: float = 0.8
     seed: int = 0
     metrics: tuple[str, ...] = ("ddscore",)
-    resamples: int = 1000
+    # 200: a fifth of a cold 10-model rank's time (benchmarks/README.md); docs/uncertainty.md
+    resamples: int = 200
 
     def check(self, known_metrics: Collection[str]) -> ScoreSettings:
         """``self`` with the metric names cleaned (in order, without repeats), or InputError.
