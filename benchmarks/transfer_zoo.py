@@ -418,7 +418,7 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
         results = out / "results" / f"{target}.json"
         results.parent.mkdir(parents=True, exist_ok=True)
         doc = finetuning.finetune(target_zoo_dir, folder, results, cfg.finetune_settings,
-                                progress=_run_logger(log, t0))
+                                progress=_run_logger(log, t0, report.setdefault("load", [])))
         acc = {m["name"]: m["held_out_accuracy"] for m in doc["models"]}
         log(f"  scored in {t2 - t1:.0f} s, fine-tuned in {time.monotonic() - t2:.0f} s; "
             "held-out accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in
@@ -433,13 +433,25 @@ def run(cfg: Config, out: Path, log, *, sources: Sequence[Folder] = (),
     summarise_targets(report)
     timings["total"] = time.monotonic() - t0
     report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    loads = [v for _, v in report.get("load", [])] or [os.getloadavg()[0]]
+    report["wall"] = (f"{timings['total']:.0f} s in this process (zoo {timings['zoo']:.0f} s, "
+                      "already built runs reused), 1-min load at each fine-tuning run's start "
+                      f"{min(loads):.1f}-{max(loads):.1f} (median {np.median(loads):.1f}), "
+                      f"started {_clock(time.time() - timings['total'])} UTC, "
+                      f"finished {_clock(time.time())} UTC")
     return report
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M", time.gmtime(t))
 
 
 def evaluate_target(out: Path, target: str, scores: Path,
                     results: Path) -> tuple[evaluation.Evaluation, dict]:
     """``evaluate`` of one target (and its figure in ``out/figures``), the fine-tuning details
-    per model, and tau_w against each single learning rate's accuracy (no selection)."""
+    per model, each model's accuracy interval and its difference from the ``random`` control's,
+    each metric's top pick with its P(best) from ``rank``'s resampling, and tau_w against each
+    single learning rate's accuracy (no selection)."""
     result = evaluation.evaluate([scores], results)
     result.target = target
     figure = out / "figures" / f"{target}.png"
@@ -450,31 +462,85 @@ def evaluate_target(out: Path, target: str, scores: Path,
         "held_out_accuracy_sd", "seed_accuracies", "best_learning_rate", "selection_accuracy",
         "accuracy_by_learning_rate", "selection_accuracy_by_learning_rate", "layer4")}
         for m in doc["models"]}
-    return result, {"finetune": runs, "weighted_tau_at_fixed_rate": fixed_rate_taus(scores, doc),
+    return result, {"finetune": runs, "resampled": result.resampled,
+                    "accuracy_intervals": accuracy_intervals(results),
+                    "top_pick": top_picks(scores, doc),
+                    "weighted_tau_at_fixed_rate": fixed_rate_taus(scores, doc),
                     **result.to_json()}
+
+
+CONTROL = f"{ARCH}_random"
+
+
+def accuracy_intervals(results: Path) -> dict[str, dict]:
+    """Per model: its test accuracy's 95% interval over seeds and test images, and (beside the
+    ``random`` control) its difference from the control's, on the same draws of test images
+    (paired), with that difference's interval."""
+    acc, _ = evaluation.read_seed_accuracies(results)
+    found = evaluation.test_correctness(results)
+    correct, labels = found if found is not None else (None, None)
+    reps = evaluation.accuracy_replicates(acc, correct=correct, labels=labels)
+    out = {}
+    for name, values in acc.items():
+        line = {"accuracy": float(values.mean()),
+                "interval": list(evaluation._interval(reps[name]) or (None, None))}
+        if CONTROL in reps and name != CONTROL:
+            diff = reps[name] - reps[CONTROL]
+            line["minus_random"] = float(values.mean() - acc[CONTROL].mean())
+            line["minus_random_interval"] = list(evaluation._interval(diff) or (None, None))
+        out[name] = line
+    return out
+
+
+def top_picks(scores: Path, doc: dict) -> dict[str, dict]:
+    """Per metric: the model it scores highest, that model's P(best) and whether it is in the
+    leader's group (``rank``'s bootstrap, where the scores carry it), its fine-tuned accuracy
+    and whether it is the best fine-tuned model (rel@1 = 1)."""
+    ranking = json.loads(scores.read_text())
+    acc = {m["name"]: m["held_out_accuracy"] for m in doc["models"]}
+    best = max(acc.values())
+    out = {}
+    metrics, _ = evaluation.read_scores(scores)
+    by_name = {m["name"]: m for m in ranking["models"]}
+    for m in metrics:
+        named = [n for n in m.scores if n in acc]
+        if not named:
+            continue
+        pick = max(named, key=lambda n: m.scores[n])  # max keeps the first (file order) on ties
+        u = (by_name[pick].get("uncertainty") or {}).get(m.metric) or {}
+        out[m.metric] = {"model": pick, "p_best": u.get("p_best"),
+                         "tied_with_best": u.get("tied_with_best"),
+                         "accuracy": acc[pick], "is_best": acc[pick] == best}
+    return out
 
 
 def fixed_rate_taus(scores: Path, doc: dict) -> dict[str, dict[str, list | None]]:
     """``{learning rate: {metric: [tau_w, low, high]}}``: each metric against the accuracies of
     one learning rate of the grid for every model (mean over its seeds, bootstrap over them).
 
-    The ground truth picks each model's best rate by the held-out accuracy it then reports,
-    which flatters the models that gain most from the choice; a conclusion that holds at every
-    fixed rate does not rest on that choice.
+    The ground truth picks each model's rate on the selection split; a conclusion that holds at
+    every fixed rate does not rest on that choice either. The intervals redraw the test images
+    too where the runs record them.
     """
     metrics, _ = evaluation.read_scores(scores)
     names = {m["name"] for m in doc["models"]}
+    labels = ((doc.get("dataset") or {}).get("test") or {}).get("labels")
     out: dict[str, dict[str, list | None]] = {}
     for lr in sorted({r["learning_rate"] for r in doc["runs"]}):
-        per_seed: dict[str, list[float]] = {}
-        for r in doc["runs"]:
-            if r["learning_rate"] == lr and r["name"] in names:
-                per_seed.setdefault(r["name"], []).append(r["held_out_accuracy"])
-        acc = {n: np.asarray(v) for n, v in per_seed.items()}
-        replicates = evaluation.accuracy_replicates(acc)
+        chosen = sorted((r for r in doc["runs"] if r["learning_rate"] == lr
+                         and r["name"] in names), key=lambda r: r["seed"])
+        acc: dict[str, np.ndarray] = {}
+        for r in chosen:
+            acc[r["name"]] = np.append(acc.get(r["name"], np.empty(0)), r["held_out_accuracy"])
+        images = bool(labels) and all(isinstance(r.get("test_correct"), str) for r in chosen)
+        correct = ({n: np.array([[c == "1" for c in r["test_correct"]] for r in chosen
+                                 if r["name"] == n]) for n in acc} if images else None)
+        replicates = evaluation.accuracy_replicates(
+            acc, correct=correct, labels=np.asarray(labels) if images else None)
         row = {}
         for m in metrics:
-            ev = evaluation.evaluate_metric(m.scores, acc, m.metric, replicates=replicates)
+            ev = evaluation.evaluate_metric(m.scores, acc, m.metric, replicates=replicates,
+                                            images_resampled=images)
             interval = ev.intervals.get("weighted_tau")
             row[m.metric] = (None if ev.weighted_tau is None
                              else [ev.weighted_tau, *(interval or (None, None))])
@@ -485,7 +551,9 @@ def fixed_rate_taus(scores: Path, doc: dict) -> dict[str, dict[str, list | None]
 def summarise_targets(report: dict) -> None:
     """The mean over targets of every statistic (from ``report["_evaluations"]``), in place."""
     summary = evaluation.summarize(report.pop("_evaluations"))
-    report["mean_over_targets"] = summary.to_json()["mean_over_targets"]
+    doc = summary.to_json()
+    report["mean_over_targets"] = doc["mean_over_targets"]
+    report["null_mean_over_targets"] = doc["null_mean_over_targets"]
     report["better_mean_weighted_tau"] = [list(p) for p in summary.better]
     report["targets_resampled"] = summary.targets_resampled
 
@@ -502,48 +570,131 @@ def reevaluate(out: Path, report: dict) -> dict:
     return report
 
 
-def _run_logger(log, t0: float):
-    """A ``finetune`` progress callback that logs each run as it starts (with the elapsed time),
-    so that a long benchmark shows where it is."""
+def _run_logger(log, t0: float, loads: list | None = None):
+    """A ``finetune`` progress callback that logs each run as it starts (with the elapsed time
+    and the 1-minute load average, also kept in ``loads``), so that a long benchmark shows
+    where it is and what it shared the machine with."""
     seen: set[str] = set()
 
     def progress(description: str, done: int, total: int) -> None:
         if description.startswith("fine-tuning") and description not in seen:
             seen.add(description)
-            log(f"  [{time.monotonic() - t0:5.0f} s] {description}")
+            load = os.getloadavg()[0]
+            if loads is not None:
+                loads.append([round(time.monotonic() - t0), round(load, 2)])
+            log(f"  [{time.monotonic() - t0:5.0f} s, load {load:4.1f}] {description}")
 
     return progress
 
 
-def _cell(value: float | None, interval) -> str:
+def _cell(value: float | None, interval, signed: bool = True) -> str:
     if value is None:
         return "n/a"
-    text = f"{value:+.3f}"
-    return text if not interval else f"{text} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    text = fmt.format(value)
+    if not interval or interval[0] is None:
+        return text
+    ends = "{:+.2f}" if signed else "{:.2f}"
+    return f"{text} [{ends.format(interval[0])}, {ends.format(interval[1])}]"
 
 
-def table(report: dict) -> str:
-    """tau_w per metric (rows) and target (columns), and the mean over targets; each with its 95%
-    bootstrap interval where there is one (seeds within a target; targets and seeds for the
-    mean, or seeds alone with fewer than ``evaluation.MIN_TARGETS_RESAMPLED`` targets)."""
-    targets = list(report["targets"])
+STAT_LABELS = {"weighted_tau": "tau_w", "kendall_tau": "Kendall tau", "pearson": "Pearson",
+               "rel@1": "rel@1", "rel@3": "rel@3"}
+
+
+def _metrics(report: dict) -> list[str]:
     metrics: list[str] = []
-    for t in targets:
+    for t in report["targets"]:
         for e in report["targets"][t]["metrics"]:
             if e["metric"] not in metrics:
                 metrics.append(e["metric"])
+    return metrics
+
+
+def table(report: dict, statistic: str = "weighted_tau") -> str:
+    """One statistic per metric (rows) and target (columns), and the mean over targets; each with
+    its 95% bootstrap interval where there is one (seeds and test images within a target;
+    targets, seeds and test images for the mean, or no targets with fewer than
+    ``evaluation.MIN_TARGETS_RESAMPLED``). The last row: the same statistic for a random
+    ranking (the null), its mean and central 95%."""
+    targets = list(report["targets"])
+    signed = not statistic.startswith("rel@")
     head = f"| metric | {' | '.join(targets)} | mean |"
     lines = [head, "|" + " --- |" * (len(targets) + 2)]
-    for metric in metrics:
+    for metric in _metrics(report):
         cells = []
         for t in targets:
             found = [e for e in report["targets"][t]["metrics"] if e["metric"] == metric]
-            cells.append(_cell(found[0]["weighted_tau"], found[0]["intervals"]["weighted_tau"])
+            cells.append(_cell(found[0][statistic], found[0]["intervals"][statistic], signed)
                          if found else "n/a")
-        mean = report["mean_over_targets"].get(metric, {}).get("weighted_tau")
-        cells.append(_cell(mean["mean"], mean["interval"]) if mean else "n/a")
+        mean = report["mean_over_targets"].get(metric, {}).get(statistic)
+        cells.append(_cell(mean["mean"], mean["interval"], signed) if mean else "n/a")
+        lines.append(f"| {evaluation.label(metric)} | {' | '.join(cells)} |")
+    first = _metrics(report)[0] if _metrics(report) else None
+    if first is not None:
+        cells = []
+        for t in targets:
+            found = [e for e in report["targets"][t]["metrics"] if e["metric"] == first]
+            null = found[0].get("null", {}).get(statistic) if found else None
+            cells.append(_cell(null["mean"], null["interval"], signed)
+                         if null and null["mean"] is not None else "n/a")
+        null = report.get("null_mean_over_targets", {}).get(first, {}).get(statistic)
+        cells.append(_cell(null["mean"], null["interval"], signed)
+                     if null and null["mean"] is not None else "n/a")
+        lines.append(f"| *random ranking (null)* | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def null_table(report: dict) -> str:
+    """Per metric and target, the one-sided p of its tau_w against random rankings of the same
+    models (the share of random rankings at least as good), and for the mean over targets."""
+    targets = list(report["targets"])
+    lines = [f"| metric | {' | '.join(targets)} | mean |", "|" + " --- |" * (len(targets) + 2)]
+    for metric in _metrics(report):
+        cells = []
+        for t in targets:
+            found = [e for e in report["targets"][t]["metrics"] if e["metric"] == metric]
+            p = found[0].get("null_p", {}).get("weighted_tau") if found else None
+            cells.append("n/a" if p is None else f"{p:.2f}")
+        p = report.get("null_mean_over_targets", {}).get(metric, {}).get(
+            "weighted_tau", {}).get("p")
+        cells.append("n/a" if p is None else f"{p:.3f}")
         lines.append(f"| {evaluation.label(metric)} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def top_pick_table(report: dict) -> tuple[str, str]:
+    """Per metric and target: the top pick, its P(best) from ``rank``'s bootstrap and whether it
+    is the best fine-tuned model; and the calibration summary (does a high P(best) go with a
+    right pick?)."""
+    targets = [t for t in report["targets"] if report["targets"][t].get("top_pick")]
+    lines = [f"| metric | {' | '.join(targets)} |", "|" + " --- |" * (len(targets) + 1)]
+    pairs = []
+    for metric in _metrics(report):
+        cells = []
+        for t in targets:
+            pick = report["targets"][t]["top_pick"].get(metric)
+            if pick is None:
+                cells.append("n/a")
+                continue
+            p = pick["p_best"]
+            pairs.append((p, pick["is_best"]))
+            cells.append(f"{pick['model'].removeprefix(ARCH + '_')} "
+                         f"({'n/a' if p is None else f'{p:.2f}'}"
+                         f"{', best' if pick['is_best'] else ''})")
+        lines.append(f"| {evaluation.label(metric)} | {' | '.join(cells)} |")
+    known = [(p, right) for p, right in pairs if p is not None]
+    if not known:
+        return "\n".join(lines), "no P(best) in the scores (rank without resampling)"
+    right = [p for p, r in known if r]
+    wrong = [p for p, r in known if not r]
+    hi = [r for p, r in known if p >= 0.5]
+    lo = [r for p, r in known if p < 0.5]
+    summary = (f"{len(known)} top picks (metric x target): {len(right)} right; mean P(best) "
+               f"{np.mean(right) if right else float('nan'):.2f} when right, "
+               f"{np.mean(wrong) if wrong else float('nan'):.2f} when wrong; "
+               f"P(best) >= 0.5: {sum(hi)}/{len(hi)} right; < 0.5: {sum(lo)}/{len(lo)} right")
+    return "\n".join(lines), summary
 
 
 def fixed_rate_table(report: dict) -> str:
@@ -565,17 +716,25 @@ def fixed_rate_table(report: dict) -> str:
 
 
 def accuracy_table(report: dict) -> str:
-    """Fine-tuned held-out accuracy per model (rows) and target: mean over seeds at the best
-    learning rate, the seeds' standard deviation and that rate."""
+    """Fine-tuned test accuracy per model (rows) and target: mean over seeds at the rate chosen
+    on the selection split, its 95% interval (seeds and test images), that rate, and the
+    difference from the ``random`` control with its paired interval."""
     targets = list(report["targets"])
     lines = ["| model | " + " | ".join(targets) + " |", "|" + " --- |" * (len(targets) + 1)]
     for name in report["models"]:
         cells = []
         for t in targets:
-            m = report["targets"][t].get("finetune", {}).get(name)
-            cells.append("left out" if m is None else
-                         f"{report['targets'][t]['accuracy'][name]:.3f} "
-                         f"± {m['held_out_accuracy_sd']:.3f} (lr {m['best_learning_rate']:g})")
+            found = report["targets"][t]
+            m = found.get("finetune", {}).get(name)
+            if m is None:
+                cells.append("left out")
+                continue
+            iv = found.get("accuracy_intervals", {}).get(name, {})
+            text = _cell(found["accuracy"][name], iv.get("interval"), signed=False)
+            text += f" (lr {m['best_learning_rate']:g})"
+            if iv.get("minus_random") is not None:
+                text += "; vs random " + _cell(iv["minus_random"], iv["minus_random_interval"])
+            cells.append(text)
         lines.append(f"| {name.removeprefix(ARCH + '_')} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -585,24 +744,38 @@ def _print_report(report: dict, command: str) -> None:
     print(f"# {command.strip()}: {len(report['models'])} models, {len(report['targets'])} "
           f"targets, {report['config']['image_size']} px"
           + ("" if seconds is None else f", {seconds:.0f} s"))
-    print("weighted Kendall tau (tau_w) of each metric's ranking against fine-tuned held-out "
-          "accuracy, with 95% bootstrap intervals where there are any")
-    print(table(report))
+    resampled = sorted({found.get("resampled", "seeds") for found in report["targets"].values()})
+    for statistic in ("weighted_tau", "kendall_tau", "pearson", "rel@1", "rel@3"):
+        print(f"\n{STAT_LABELS[statistic]} of each metric's ranking against fine-tuned test "
+              f"accuracy, 95% bootstrap intervals (resampled: {', '.join(resampled)}"
+              + ("; and targets for the mean" if report["targets_resampled"] else "") + ")")
+        print(table(report, statistic))
     if len(report["targets"]) > 1 and not report["targets_resampled"]:
         print(f"(fewer than {evaluation.MIN_TARGETS_RESAMPLED} targets: the mean's interval is "
-              "over the seeds alone and speaks for these targets only)")
+              "over the seeds and test images alone and speaks for these targets only)")
+    print("\none-sided p of tau_w against random rankings of the same models")
+    print(null_table(report))
     for a, b in report["better_mean_weighted_tau"]:
         print(f"over the targets, {evaluation.label(a)} ranks better than {evaluation.label(b)}")
     for target, found in report["targets"].items():
         for a, b in found["better_weighted_tau"]:
             print(f"on {target}, {evaluation.label(a)} ranks better than {evaluation.label(b)}")
     if any("finetune" in found for found in report["targets"].values()):
-        print("\nfine-tuned held-out accuracy: mean ± sd over seeds at each model's best rate")
+        print("\nfine-tuned test accuracy: mean over seeds at the rate chosen on the selection "
+              "split [95% interval, seeds and test images]; vs random: the difference from the "
+              "random control on the same test draws")
         print(accuracy_table(report))
+    picks, summary = top_pick_table(report)
+    print("\neach metric's top pick (its P(best) from rank's bootstrap; 'best': it is the best "
+          "fine-tuned model)")
+    print(picks)
+    print(summary)
     fixed = fixed_rate_table(report)
     if fixed:
         print("\ntau_w against the accuracy at one fixed learning rate (no per-model choice)")
         print(fixed)
+    if report.get("wall"):
+        print(f"\nwall time and load: {report['wall']}")
 
 
 def main(argv: list[str] | None = None) -> int:
