@@ -14,21 +14,30 @@ Per metric, over the models that have both a score and an accuracy:
 
 A correlation that is undefined (fewer than two models, or a constant input) is ``None``.
 
-Each statistic has a 95% percentile bootstrap interval over the fine-tuning seeds: each replicate
-draws, for every model independently, as many of its seed accuracies as it has, with
-replacement, and recomputes the statistic on the mean accuracies (the point estimate uses the
-mean over all seeds). Every metric of a target sees the same replicates, so two metrics are
-compared on the paired differences: metric A is called better than B (on tau_w) only when the
-95% interval of tau_w(A) - tau_w(B) lies above 0. Over several targets the mean of a statistic
-gets a two-level interval: each replicate resamples the targets with replacement and, within
-each target drawn, takes that target's seed replicate. With one seed per model there is no
+Each statistic has a 95% percentile bootstrap interval over the fine-tuning seeds and, where the
+results record each run's right and wrong test images (``finetune`` results version 3), over
+the test images too: each replicate draws, for every model independently, as many of its seed
+runs as it has, with replacement, and redraws the test set, within each class as many images as
+it has, with replacement, one draw shared by all models (they were tested on the same images);
+the statistic is recomputed on the replicated mean accuracies (the point estimate uses the plain
+mean). Every metric of a target sees the same replicates, so two metrics are compared on the
+paired differences: metric A is called better than B (on tau_w) only when the 95% interval of
+tau_w(A) - tau_w(B) lies above 0. Over several targets the mean of a statistic gets a two-level
+interval: each replicate resamples the targets with replacement and, within each target drawn,
+takes that target's replicate. With one seed per model and no per-image record there is no
 per-target interval (``None``), and the mean's interval comes from the targets alone. Fewer than
 ``MIN_TARGETS_RESAMPLED`` targets are too few to resample: the mean's interval then comes from
-the seeds alone and speaks for these targets only.
+within the targets alone and speaks for these targets only.
 
-What the intervals leave out: the noise of the held-out split itself (which images it holds) and
-the optimism of taking, per model, the best learning rate by the same held-out accuracy the
-interval is about; both make a ground truth look surer than it is.
+Beside every statistic, its **null distribution**: the same statistic for uniformly random
+rankings of the same models against the same accuracies (``null``: mean, central 95%, 95th
+percentile; ``null_p``: the one-sided share of random rankings at least as good as the metric),
+per target and for the mean over targets (independent random rankings per target). With 7
+models tau_w of a random ranking spreads over roughly +-0.6; that is what a value is read
+against.
+
+What the intervals leave out: other targets and zoos than those evaluated, and (with one
+fine-tuning seed) the spread between seeds.
 """
 
 from __future__ import annotations
