@@ -173,9 +173,11 @@ def evaluate(
         table = Table(title=f"target {result.target}: rankings against fine-tuned accuracy "
                             f"({accuracies})",
                       caption=f"95% bootstrap intervals over {'/'.join(map(str, seeds))} "
-                              "fine-tuning seed(s) per model" if max(seeds) > 1 else
+                              f"fine-tuning seed(s) per model ({result.resampled} resampled); "
+                              "null: random rankings"
+                      if max(seeds) > 1 or result.resampled != "seeds" else
                       "one fine-tuning seed per model: no intervals (finetune --seeds N)")
-        table.add_column("metric")
+        table.add_column("metric", no_wrap=True)
         table.add_column("models", justify="right")
         for col in stat_names:
             table.add_column(col, justify="right")
@@ -183,6 +185,13 @@ def evaluate(
             table.add_row(ev.label(m.metric), str(m.n_models),
                           *(fmt(m.value(k), m.intervals.get(k), not k.startswith("rel@"))
                             for k in ev.STATISTICS))
+        if result.metrics and result.metrics[0].null:
+            # What a ranking without information scores on these models: the null's central 95%.
+            null = result.metrics[0].null
+            table.add_row("null", str(result.metrics[0].n_models),
+                          *(fmt(null[k]["mean"], tuple(null[k]["interval"])
+                                if null[k]["interval"] and null[k]["interval"][0] is not None
+                                else None, not k.startswith("rel@")) for k in ev.STATISTICS))
         console.print(table)
         for a, b in result.better:
             console.print(f"  {ev.label(a)} ranks better than {ev.label(b)} (tau_w, 95% "
@@ -195,7 +204,7 @@ def evaluate(
                       if summary.targets_resampled else
                       f"95% bootstrap intervals over seeds only (fewer than "
                       f"{ev.MIN_TARGETS_RESAMPLED} targets to resample: these targets only)")
-        table.add_column("metric")
+        table.add_column("metric", no_wrap=True)
         for col in stat_names:
             table.add_column(col, justify="right")
         for metric, values in summary.mean.items():
