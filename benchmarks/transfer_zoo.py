@@ -17,19 +17,26 @@ Then, per target, it does what a user would: scores every model on ``train/`` wi
 accuracy on ``valid/``), and compares the two (``evaluate``). Prints weighted Kendall tau per
 metric and target.
 
-Any image sets can take part, as folders of classes (torchvision ``ImageFolder`` layout):
-``--source NAME=DIR`` pre-trains one more ResNet18 (and its short-trained copy) on every image of
-DIR; ``--target NAME=DIR`` replaces the packaged targets by DIR (used as it is when it holds
+Any image sets can take part, as folders of classes (torchvision ``ImageFolder`` layout; class
+names with spaces work): ``--source NAME=DIR`` pre-trains one more ResNet18 (and its
+short-trained copy) on every image of DIR (``--source-images-per-class`` caps it);
+``--target NAME=DIR`` replaces the packaged targets by DIR (used as it is when it holds
 ``train/`` and ``valid/``, else split per class with a seed: ``--train-per-class`` images to
-``train/``, up to ``--valid-per-class`` of the rest to ``valid/``). Scoring sees only ``train/``;
-a model pre-trained on a target's own folder is left out of that target's zoo.
+``train/``, up to ``--valid-per-class`` of the rest to ``valid/``, the selection split, and with
+``--test-per-class`` up to that many of the rest to ``test/``, the test split). Scoring sees only
+``train/``; ``finetune`` chooses each model's rate on the selection split and reports the test
+split; a model pre-trained on a target's own folder is left out of that target's zoo.
+``benchmarks/elpv_folder.py DIR`` writes the elpv solar-cell set (PyPI ``elpv-dataset``, CC
+BY-NC-SA 4.0) as such a folder.
+
+Resumable: an ``--out`` that holds a run continues it. Each pre-trained model joins the zoo as
+it finishes (``zoo/pretraining.json`` records it and the plan, which must match), and
+``finetune`` never repeats a finished run; ``--zoo-only`` stops after the zoo.
 
     python benchmarks/transfer_zoo.py            # full: 9 models x 4 targets, 32 px
     python benchmarks/transfer_zoo.py --small    # smoke test: 3 models x 2 targets, minutes
     python benchmarks/transfer_zoo.py --out DIR  # keep the zoo, targets, results and figures
-    python benchmarks/transfer_zoo.py --image-size 64 \
-        --source tiles=DEFECTS/magnetic_tile --source pcb=DEFECTS/pcb_defects \
-        --target tiles=DEFECTS/magnetic_tile --target pcb=DEFECTS/pcb_defects
+    bash benchmarks/results/transfer_defects4_64px/run.sh   # the four real defect targets
 """
 
 from __future__ import annotations
