@@ -350,6 +350,8 @@ def target_zoo(zoo_dir: Path, dest: Path, excluded: Sequence[str]) -> Path:
     for m in doc["models"]:
         link = dest / m["checkpoint"]
         link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():  # a resumed run: relink, the checkpoint may have been rewritten
+            link.unlink()
         link.symlink_to((zoo_dir / m["checkpoint"]).resolve(), target_is_directory=True)
     write_json_atomic(dest / "zoo.json", doc)
     return dest

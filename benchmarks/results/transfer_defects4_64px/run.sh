@@ -14,7 +14,7 @@ ZOO=(--image-size 64 --packaged-sources digits,textures --pretrain-steps 100 --p
      --pretrain-flip --short-models folders
      --source tiles=$D/magnetic_tile --source pcb=$D/pcb_defects --source xsdd=$D/xsdd
      --source elpv=$R/elpv)
-FT=(--learning-rate 1e-3 --learning-rate 3e-4 --seeds 1 --epochs 8 --batch-size 16
+FT=(--learning-rate 1e-3 --learning-rate 3e-4 --seeds 2 --epochs 8 --batch-size 16
     --train-per-class 8 --valid-per-class 8 --test-per-class 20)
 T=(tiles=$D/magnetic_tile pcb=$D/pcb_defects xsdd=$D/xsdd elpv=$R/elpv)
 run() { nice -n 10 python benchmarks/transfer_zoo.py "${ZOO[@]}" "${FT[@]}" --out $R "$@"; }
