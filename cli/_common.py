@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from rich.progress import (
 )
 
 from ddscore_jax import interrupts
-from ddscore_jax.atomic import write_json_atomic
+from ddscore_jax.atomic import check_writable, write_json_atomic
 from ddscore_jax.errors import InputError, environment_message, os_error_in_text
 from ddscore_jax.metrics import METRICS
 from ddscore_jax.settings import Dtype, Engine
@@ -148,8 +147,7 @@ def check_json(dest: str | None) -> None:
     if path.is_dir():
         raise InputError(f"{path}: --json names a folder; give a file path")
     if path.parent.is_dir():  # a missing folder is reported when the results are written
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
+        check_writable(path)
 
 
 def refuse_clobber(dest: str | os.PathLike | None, *inputs: Path) -> None:
@@ -214,6 +212,9 @@ def run(app: Callable[[], object], *, process: bool = True) -> None:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.excepthook = lambda *exc: None
         threading.excepthook = lambda args: None
+        # tensorstore's callbacks into an event loop Orbax has closed after the error: reported
+        # as unraisable, one traceback per write still in flight.
+        sys.unraisablehook = lambda unraisable: None
 
     def leave(code: int) -> NoReturn:
         """Exit now, even past a library thread left waiting: after a failed save, Orbax's

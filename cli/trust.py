@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ddscore_jax import evaluation as ev
 from ddscore_jax import finetuning as ft
-from ddscore_jax.cli._common import Bars, JsonOpt, console, write_json
+from ddscore_jax.cli._common import Bars, JsonOpt, check_json, console, write_json
 from ddscore_jax.train import Optimizer, Schedule
 
 _D, _EV = ft.Settings, ev.Settings  # every option default is read from these
@@ -68,6 +68,7 @@ def finetune(
                            optimizer=optimizer, learning_rates=grid, momentum=momentum,
                            weight_decay=weight_decay, schedule=schedule, clip_norm=clip_norm,
                            flip=flip, seeds=seeds, seed=seed)
+    check_json(json_out)
     with Bars() as bars:
         doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars)
     table = Table(title=f"{data_root}: held-out accuracy after fine-tuning "
@@ -113,6 +114,7 @@ def evaluate(
     against accuracy (error bars: the seeds' spread).
     """
     settings = ev.Settings(bootstrap=bootstrap).check()
+    check_json(json_out)
     groups = ev.group_files(files)
     summary = ev.evaluate_targets(groups, n_boot=settings.bootstrap, seed=settings.seed)
     stat_names = ("tau_w", "Kendall tau", "Pearson", *(f"rel@{k}" for k in ev.REL_AT))

@@ -13,9 +13,15 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from ddscore_jax import zoo
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ddscore_jax import cache, data, model, zoo
 from ddscore_jax.converters import (
     SUFFIXES,
     checkpoint_stem,
@@ -24,6 +30,7 @@ from ddscore_jax.converters import (
 )
 from ddscore_jax.converters.files import HUB_CONFIG, checkpoint_suffix, model_folder_weights
 from ddscore_jax.errors import InputError
+from ddscore_jax.model import ImportedModel
 from ddscore_jax.progress import Progress
 
 # In a folder of checkpoints a bare ".tar" is more often a data archive than a checkpoint.
@@ -99,6 +106,7 @@ def convert_sources(sources: Sequence[str | os.PathLike], zoo_dir: str | os.Path
                          f"{dupes[0]!r}; convert them one at a time with --name")
     # Read once up front: a zoo this version cannot extend stops the command before any file.
     known = {e.name: e.sha256 for e in zoo.read(zoo_dir, allow_missing=True)}
+    cache.enable_compilation_cache()  # the probe forward (check_forward) compiles once per arch
     result = ConvertResult()
     for i, (path, model_name) in enumerate(zip(paths, names, strict=True)):
         try:
@@ -128,6 +136,38 @@ def _convert_one(path: Path, model_name: str, zoo_dir: str | os.PathLike, overwr
     if known.get(model_name) == sha256:
         return []  # the same bytes under the same name: already in the zoo, nothing to read
     loaded = load_source(path)
+    check_forward(path, loaded.model)
     addition = zoo.Addition(model_name, path.resolve(), loaded.source_format, sha256,
                             loaded.model)
     return zoo.add(zoo_dir, [addition], overwrite=overwrite)
+
+
+PROBE_SIZE = 32  # the smallest image size a forward takes (settings.MIN_IMAGE_SIZE)
+
+
+@partial(jax.jit, static_argnums=0)
+def _finite_stages(config: model.ResNetConfig, state, images: jax.Array) -> list[jax.Array]:
+    net = nnx.merge(model.graphdef(config), state)
+    return [jnp.isfinite(out).all() for _, out in net.stages(images, len(model.SCORE_BLOCKS))]
+
+
+def check_forward(path: Path, imported: ImportedModel) -> None:
+    """InputError naming the first stage whose output is not finite on a probe batch: weights
+    finite in the file that still overflow float32 in the forward (conv1 scaled by 1e38) can only
+    give non-finite features, so they are refused at import, not at the first ``rank``.
+
+    The probe is the inference network ``rank`` runs (BatchNorm folded, cut after conv4_x) on two
+    seeded 32 px images of pixels uniform in [0, 1], ImageNet-normalised. One small program per
+    architecture, kept in the persistent compilation cache: about a second per ResNet-50 once
+    compiled (docs/interface.md has the figures).
+    """
+    folded, state = model.inference(imported.config, imported.state_dict, backbone=True)
+    pixels = np.random.default_rng(0).random((2, PROBE_SIZE, PROBE_SIZE, 3), dtype=np.float32)
+    flags = _finite_stages(folded, state, jnp.asarray((pixels - data.MEAN) / data.STD))
+    names = model.ResNet.stage_names(folded, len(model.SCORE_BLOCKS))
+    for stage, finite in zip(names, flags, strict=True):
+        if not bool(finite):
+            raise InputError(
+                f"{path}: the forward overflows: {stage}'s output is not finite (NaN or "
+                "infinity) on a probe image although every tensor is finite; the weights "
+                "are broken (scaled?), and every feature of this model would be too")

@@ -241,6 +241,9 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     results = Path(results)
     if not results.parent.is_dir():
         raise InputError(f"{results}: folder {results.parent} does not exist")
+    if results.is_dir():
+        raise InputError(f"{results}: --out names a folder; give a file path")
+    atomic.check_writable(results)  # before hours of training, not after the first run
     doc = read_results(results)
     split = scan_split(data_root)
     entries = zoo.read_nonempty(zoo_dir)
