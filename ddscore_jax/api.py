@@ -43,11 +43,14 @@ class Ranking:
     settings: dict
     cached: list[str] = field(default_factory=list)  # models whose features came from the cache
     refused: list[str] = field(default_factory=list)  # models not ranked: non-finite features
+    # Each model's checkpoint hash, so that `evaluate` can tell scores of another zoo.
+    sha256: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "models": [
                 {"name": m.name, "rank": i + 1, "score": _finite(m.score),
+                 **({"sha256": self.sha256[m.name]} if m.name in self.sha256 else {}),
                  "block_scores": m.block_scores,
                  "metrics": {k: _finite(v) for k, v in m.metrics.items()},
                  "metric_block_scores": {k: {b: _finite(v) for b, v in blocks.items()}
@@ -209,7 +212,8 @@ def score(feats_dir: str | os.PathLike, *, train_fraction: float = _S.train_frac
     _warn_if_all_tie(ranked, len(first.labels))
     dataset = {"root": str(feats_dir), "n_images": int(len(first.labels)),
                "classes": [str(c) for c in first.classes]}
-    return Ranking(ranked, dataset, settings_json(settings, precision), refused=refused)
+    return Ranking(ranked, dataset, settings_json(settings, precision), refused=refused,
+                   sha256={f.name: f.settings["model_sha256"] for f in loaded})
 
 
 def _score(features, labels, train_fraction, seed, precision, where, metrics=("ddscore",),
@@ -338,7 +342,8 @@ def rank(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, *,
     _warn_if_all_tie(ranked, len(dataset))
     info = {"root": readable(str(Path(data_root).resolve())), "n_images": len(dataset),
             "classes": list(dataset.classes)}
-    return Ranking(ranked, info, settings_json(scoring, precision, forward), cached, refused)
+    return Ranking(ranked, info, settings_json(scoring, precision, forward), cached, refused,
+                   {e.name: e.sha256 for e in entries})
 
 
 __all__: Sequence[str] = ["Ranking", "extract", "rank", "score", "load_zoo"]

@@ -22,6 +22,14 @@ Protocol (docs/finetune.md has the reasons):
 Results are a JSON file rewritten atomically after every run (model, learning rate, seed), so an
 interrupted run keeps what it finished, and a run already in the file with the same checkpoint,
 data and settings is not repeated.
+
+Faults. ``kill -9`` or SIGTERM at any moment leaves the old results file or the new one (the write
+is an atomic rename; SIGTERM and Ctrl-C wait for a write under way, so a finished run is kept).
+Two ``finetune`` may write one results file at once: each write takes the file's lock
+(``.<results>.lock`` beside it, kept) and merges what the other wrote since (its runs, and its
+lines for models this one does not fine-tune) before replacing the file; each also re-reads the
+file before every run and skips a run the other has finished. A model's line (``models``) is
+written only once every run of its grid is in.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from ddscore_jax import atomic, cache, data, model, train, zoo
+from ddscore_jax import atomic, cache, data, interrupts, lock, model, train, zoo
+from ddscore_jax.atomic import fault_point
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel, ResNetConfig
 from ddscore_jax.progress import Progress
@@ -191,6 +200,24 @@ def read_results(path: str | os.PathLike) -> dict:
     return doc
 
 
+def _run_key(r: dict) -> str:
+    """What identifies a run: two runs with one key are the same training, bit for bit."""
+    return json.dumps([r.get(k) for k in ("name", "sha256", "learning_rate", "seed", "settings",
+                                          "train_fingerprint", "held_out_fingerprint")],
+                      sort_keys=True)
+
+
+def _merge(doc: dict, disk: dict, names: set[str]) -> None:
+    """Add to ``doc`` (in place) what another writer put in the results file ``disk`` since
+    ``doc`` was read: runs it does not hold, and lines of models not among ``names`` (the models
+    ``doc``'s writer summarises itself)."""
+    known = {_run_key(r) for r in doc["runs"]}
+    doc["runs"] += [r for r in disk["runs"] if isinstance(r, dict) and _run_key(r) not in known]
+    listed = {m.get("name") for m in doc["models"] if isinstance(m, dict)}
+    doc["models"] += [m for m in disk["models"] if isinstance(m, dict)
+                      and m.get("name") not in names and m.get("name") not in listed]
+
+
 def summarise(entry: zoo.ZooEntry, runs: list[dict], settings: Settings) -> dict:
     """A model's line of the results from its runs (every learning rate x seed of the grid).
 
@@ -284,12 +311,36 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
                 mine.append(summarise(e, runs, settings))
         doc["models"] = sorted(mine, key=lambda m: order[m["name"]]) + kept
 
+    lock_file = results.with_name(f".{results.name}.lock")
+
+    def catch_up() -> None:
+        # Runs another finetune finished in this file meanwhile (the file is replaced
+        # atomically: read without the lock, it is whole).
+        if results.exists():
+            _merge(doc, read_results(results), names)
+
+    def save() -> None:
+        # Merge-on-write under the file's lock: a second writer's runs are never overwritten.
+        with lock.exclusive(lock_file, f"results file {results}"), \
+                interrupts.deferred("the results being written"):
+            # Under the lock no other writer is live: a temporary here is a killed one's.
+            for stale in results.parent.glob(f".{results.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            catch_up()
+            refresh()
+            atomic.write_json_atomic(results, doc, step="results")
+            # Before the deferred signal is raised: the exit line says what this write kept.
+            done = sum(found(e, lr, s) is not None for e in entries for lr, s in grid)
+            interrupts.kept(f"{done} of {len(entries) * len(grid)} fine-tuning run(s) are in "
+                            f"{results}; the next run resumes from there")
+
     todo = [(e, lr, s) for e in entries for lr, s in grid if found(e, lr, s) is None]
     before = json.dumps(doc["models"], sort_keys=True)
     refresh()
+    interrupts.kept(f"nothing new was written to {results}")
     if not todo:
         if json.dumps(doc["models"], sort_keys=True) != before:
-            atomic.write_json_atomic(results, doc)
+            save()
         return doc
 
     cache.enable_compilation_cache()
@@ -299,6 +350,9 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     steps = train.schedule_length(settings.batch_size, settings.epochs, len(y_train))[1]
     loaded: dict[str, ImportedModel] = {}
     for k, (entry, lr, seed) in enumerate(todo):
+        catch_up()
+        if found(entry, lr, seed) is not None:
+            continue  # another finetune on this file did it meanwhile
         if entry.name not in loaded:
             loaded = {entry.name: zoo.load_model(zoo_dir, entry)}  # one model in memory at a time
         try:
@@ -326,6 +380,6 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
             "settings": run_settings, "train_fingerprint": train_fp,
             "held_out_fingerprint": held_fp,
         })
-        refresh()
-        atomic.write_json_atomic(results, doc)
+        fault_point("finetune:run")
+        save()
     return doc

@@ -230,7 +230,7 @@ def test_reads_rank_json_and_multi_metric_files(tmp_path):
                                                 "leep": {"score": -1.0}}}]}
     acc = {"kind": ft.RESULTS_KIND, "models": [
         {"name": "a", "held_out_accuracy": 0.9}, {"name": "b", "held_out_accuracy": 0.7},
-        {"name": "c", "held_out_accuracy": 0.8}, {"name": "z", "held_out_accuracy": 0.1}],
+        {"name": "c", "held_out_accuracy": 0.8}],
         "dataset": {"root": str(tmp_path / "data"),
                     "held_out": {"root": str(tmp_path / "data" / "valid")}}}
     result = ev.evaluate([_write(tmp_path / "rank.json", rank_doc),
@@ -256,7 +256,9 @@ def test_reads_rank_json_and_multi_metric_files(tmp_path):
             ev.evaluate([_write(tmp_path / "leak.json", doc)], tmp_path / "acc.json")
     with pytest.raises(InputError, match="not a scores file"):
         ev.evaluate([_write(tmp_path / "bad.json", {"models": []})], tmp_path / "acc.json")
-    with pytest.raises(InputError, match="no model of metric"):
+    # Scores and accuracies of different models (issue 18: refused, not left out).
+    with pytest.raises(InputError, match="models scored but not fine-tuned: a, b, c; models "
+                                         "fine-tuned but not scored: q"):
         ev.evaluate([tmp_path / "rank.json"], _write(tmp_path / "other.json", {"q": 0.5}))
 
 
