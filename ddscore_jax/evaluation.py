@@ -510,8 +510,10 @@ def _check_together(scores_path: Path, scored: dict, results_path: Path, finetun
     tuned_sha = {m.get("name"): m.get("sha256") for m in tuned.get("models", [])
                  if isinstance(m, dict)} if isinstance(tuned, dict) and \
         isinstance(tuned.get("models"), list) else {}
+    zoo = doc.get("zoo") if isinstance(doc.get("zoo"), dict) else {}
+    scored_sha = zoo.get("sha256") if isinstance(zoo.get("sha256"), dict) else {}
     for m in models:
-        a, b = m.get("sha256"), tuned_sha.get(m["name"])
+        a, b = scored_sha.get(m["name"]), tuned_sha.get(m["name"])
         if isinstance(a, str) and isinstance(b, str) and a != b:
             raise InputError(f"{both}: model {m['name']!r} is another checkpoint in each "
                              f"(sha256 {a[:12]}... and {b[:12]}...): scores and results of "
