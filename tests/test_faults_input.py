@@ -502,6 +502,7 @@ def test_outputs_where_the_folder_refuses_files(zoo, feats, tmp_path):
         (("extract", zoo_dir, data_root, "--out", "/proc/x"), "/proc/x"),
         (("extract", zoo_dir, data_root, "--out", "/proc"), "/proc/m.npz"),
         (("rank", zoo_dir, data_root, "--cache-dir", "/proc/c"), "/proc/c"),
+        (("rank", zoo_dir, data_root, "--figure", "/proc/f.png"), "/proc/f.png"),
         (("convert", zoo / "m.pth", "--zoo", "/proc/z"), "/proc/z"),
         (("finetune", zoo_dir, fine, "--out", "/proc/r.json"), "/proc/r.json"),
         (("finetune", zoo_dir, fine, "--out", tmp_path / "ft.json", "--json", "/proc/r.json"),

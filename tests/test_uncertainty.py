@@ -9,7 +9,7 @@ import pytest
 from helpers import cli, save_pth, torch_resnet, write_image_folder
 
 import ddscore_jax
-from ddscore_jax import api
+from ddscore_jax import api, cache, data
 
 
 def write_features(folder, models: dict[str, np.ndarray], labels: np.ndarray):
@@ -19,11 +19,16 @@ def write_features(folder, models: dict[str, np.ndarray], labels: np.ndarray):
     classes = np.array([f"c{c}" for c in range(labels.max() + 1)])
     paths = np.array([f"{classes[y]}/img_{i:04d}.png" for i, y in enumerate(labels)])
     rng = np.random.default_rng(99)
+    dataset = data.Dataset(folder, tuple(paths), labels.astype(np.int64), tuple(classes))
     for name, f in models.items():
-        np.savez(folder / f"{name}.npz",
-                 **{"layer3.0": f.astype(np.float32),
-                    "layer3.1": (f + 0.01 * rng.random(f.shape)).astype(np.float32)},
-                 labels=labels.astype(np.int64), paths=paths, classes=classes)
+        # With the record extract writes (cache.feature_settings), made up: no zoo, no images.
+        made_from = {"version": cache.FEATURES_VERSION, "model_sha256": name,
+                     "checkpoint": name, "data": "made-up", "image_size": 32,
+                     "dtype": "float32", "engine": "jax"}
+        cache.write_features(folder / f"{name}.npz",
+                             {"layer3.0": f.astype(np.float32),
+                              "layer3.1": (f + 0.01 * rng.random(f.shape)).astype(np.float32)},
+                             dataset, made_from)
     return folder
 
 
