@@ -34,8 +34,7 @@ from rich.progress import (
 from ddscore_jax import interrupts
 from ddscore_jax.atomic import write_json_atomic
 from ddscore_jax.errors import InputError, environment_message, os_error_in_text
-from ddscore_jax.metrics import METRICS
-from ddscore_jax.settings import Dtype, Engine
+from ddscore_jax.settings import HEAD_METRICS, METRIC_NAMES, Dtype, Engine
 
 # Typer 0.2x carries its own copy of Click: its usage errors are these classes, not click's.
 _clickx = typer.core._click.exceptions
@@ -52,11 +51,10 @@ FractionOpt = Annotated[float, typer.Option(
 SeedOpt = Annotated[int, typer.Option(help="Seed of that subset: the same seed repeats exactly.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward batch.")]
 SizeOpt = Annotated[int, typer.Option(help="Images are resized to SIZE x SIZE.")]
-_HEAD_METRICS = [name for name, m in METRICS.items() if m.needs_head]
 MetricOpt = Annotated[list[str], typer.Option(
     "--metric", metavar="NAME[,NAME...]",
-    help=f"Metrics to compute, one column each; the first ranks. {', '.join(METRICS)} "
-         f"({' and '.join(_HEAD_METRICS)} need the checkpoint's source classifier).")]
+    help=f"Metrics to compute, one column each; the first ranks. {', '.join(METRIC_NAMES)} "
+         f"({' and '.join(HEAD_METRICS)} need the checkpoint's source classifier).")]
 DtypeOpt = Annotated[Dtype, typer.Option(
     help="Forward dtype: bfloat16 is for accelerators (features change slightly; the score "
          "stays float64).")]

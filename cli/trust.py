@@ -13,11 +13,10 @@ import typer
 from rich.table import Table
 
 from ddscore_jax import evaluation as ev
-from ddscore_jax import finetuning as ft
 from ddscore_jax.cli._common import Bars, JsonOpt, console, write_json
-from ddscore_jax.train import Optimizer, Schedule
+from ddscore_jax.settings import FinetuneSettings, Optimizer, Schedule
 
-_D, _EV = ft.Settings, ev.Settings  # every option default is read from these
+_D, _EV = FinetuneSettings, ev.Settings  # every option default is read from these
 
 
 def register(app: typer.Typer) -> None:
@@ -63,6 +62,8 @@ def finetune(
     json_out: JsonOpt = None,
 ) -> None:
     """Fine-tune every zoo model on DATA/train and record its accuracy on DATA/valid."""
+    from ddscore_jax import finetuning as ft
+
     grid = tuple(learning_rate) if learning_rate else _D.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
                            optimizer=optimizer, learning_rates=grid, momentum=momentum,
