@@ -2,9 +2,9 @@
 
 Public API: :func:`rank`, :func:`extract`, :func:`score`, :func:`convert`, :func:`finetune`,
 :func:`evaluate` (from :mod:`ddscore_jax.api`). Everything else is an implementation module that a
-reader finds by its name (``model``, ``data``, ``forward``, ``ddscore``, ``zoo``, ``conversion``,
-``finetuning``, ``evaluation``, ...); no module shares a name with these functions, so a module is
-never hidden by one.
+reader finds by its name (``model``, ``data``, ``forward``, ``ddscore``, ``resample``, ``zoo``,
+``conversion``, ``finetuning``, ``evaluation``, ...); no module shares a name with these
+functions, so a module is never hidden by one.
 
 The functions load on first use (a module ``__getattr__``): ``import ddscore_jax`` imports no JAX,
 so the command line's ``--help``, ``--version`` and argument errors answer at once.
