@@ -36,8 +36,28 @@ _clickx = _click.exceptions
 
 # Neither console reads rich markup or emoji codes: every string printed (a path, a model or class
 # name, a message naming them) prints as given. stderr: progress, notes, warnings; stdout: results.
-console = Console(stderr=True, markup=False, emoji=False, highlight=False)
-stdout = Console(markup=False, emoji=False, highlight=False)
+# Piped or redirected (`> ranking.txt`), a table keeps its natural width instead of folding its
+# cells into 80 columns (a terminal's own width, or $COLUMNS, still wins).
+_PIPED_WIDTH = 240
+
+
+def _console(stream) -> Console:
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else _PIPED_WIDTH
+    return Console(file=stream, width=width, markup=False, emoji=False, highlight=False)
+
+
+class _Stream:
+    """sys.stdout/sys.stderr as they are at each write (tests and rich's progress swap them)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attr):
+        return getattr(getattr(sys, self.name), attr)
+
+
+console = _console(_Stream("stderr"))
+stdout = _console(_Stream("stdout"))
 
 
 class _State:
@@ -54,7 +74,7 @@ def note(text: str) -> None:
     """A note for the person watching (what was written, what was reused): stderr, unless
     --quiet."""
     if not _State.quiet:
-        console.print(text)
+        console.print(text, soft_wrap=True)  # a path is never broken across lines
 
 
 def results_console(*machine_outputs: str | None) -> Console:

@@ -239,12 +239,14 @@ def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
 
     refuse_clobber(json_out, zoo_dir)
     entries = zoo.read(zoo_dir)
-    table = Table(title=f"{zoo_dir}: {len(entries)} model(s)")
+    table = Table()
     for col in ("name", "arch", "source", "format", "sha256"):
         table.add_column(col, overflow="fold")
     for e in entries:
         table.add_row(e.name, e.arch, e.source, e.source_format, e.sha256)
-    results_console(json_out).print(table)
+    shown = results_console(json_out)
+    shown.print(f"{zoo_dir}: {len(entries)} model(s)", soft_wrap=True)
+    shown.print(table)
     write_json({"models": [asdict(e) for e in entries]}, json_out)
 
 
@@ -275,7 +277,8 @@ trust.register(app)  # finetune, evaluate
 
 def main() -> None:
     """Console entry point (exit codes: :func:`ddscore_jax.cli._common.run`)."""
-    run(app)
+    # The name in usage lines, also under `python -m ddscore_jax.cli`.
+    run(lambda: app(prog_name="ddscore-jax"))
 
 
 if __name__ == "__main__":

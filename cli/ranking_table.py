@@ -54,7 +54,7 @@ def table(ranking, title: str) -> Table:
         caption += (f"; 95% intervals from {ranking.settings.get('resamples')} bootstrap "
                     "replicates of the scored images; * in the leader's group (not told apart "
                     "from the leader)")
-    out = Table(title=title, caption=caption)
+    out = Table(caption=caption)
     out.add_column("rank", justify="right")
     out.add_column("model")
     if resampled:
@@ -94,6 +94,8 @@ def table(ranking, title: str) -> Table:
 
 
 def print_ranking(ranking, title: str, console: Console) -> None:
+    # The title on a line of its own: a table title wraps to the table's width, mid-path.
+    console.print(title, soft_wrap=True)
     console.print(table(ranking, title))
 
 
