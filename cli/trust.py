@@ -101,9 +101,10 @@ def finetune(
                            flip=flip, seeds=seeds, seed=seed)
     with Bars() as bars:
         doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars, models=chosen)
-    table = Table(title=f"{data_root}: held-out accuracy after fine-tuning "
-                        f"({doc['dataset']['held_out']['n_images']} images in valid/)",
-                  caption=f"results: {out}")
+    # Titles and captions naming a path print on lines of their own: in a table they wrap mid-path.
+    title = (f"{data_root}: held-out accuracy after fine-tuning "
+             f"({doc['dataset']['held_out']['n_images']} images in valid/)")
+    table = Table()
     for col, justify in (("model", "left"), ("accuracy", "right"), ("sd", "right"),
                          ("best lr", "right"), ("layer4", "left"), ("train loss", "right"),
                          ("seconds", "right")):
@@ -113,10 +114,13 @@ def finetune(
                       f"{m.get('held_out_accuracy_sd', 0.0):.4f}",
                       f"{m.get('best_learning_rate', float('nan')):g}", m["layer4"],
                       f"{m['final_train_loss']:.4f}", f"{m['seconds']:.1f}")
-    results_console(json_out).print(table)
+    shown = results_console(json_out)
+    shown.print(title, soft_wrap=True)
+    shown.print(table)
+    shown.print(f"results: {out}", soft_wrap=True)
     if any(m["layer4"] == "fresh" for m in doc["models"]):
-        note("layer4 'fresh': the checkpoint has no layer4, so it was initialised "
-                      "from the seed and trained from scratch")
+        note("layer4 'fresh': the checkpoint has no layer4, so it was initialised from the seed "
+             "and trained from scratch")
     write_json(doc, json_out)
 
 
@@ -182,9 +186,8 @@ def evaluate(
 
     for (_, accuracies), result in zip(groups, summary.targets, strict=True):
         seeds = sorted({k for m in result.metrics for k in m.seeds})
-        table = Table(title=f"target {result.target}: rankings against fine-tuned accuracy "
-                            f"({accuracies})",
-                      caption=f"95% bootstrap intervals over {'/'.join(map(str, seeds))} "
+        title = f"target {result.target}: rankings against fine-tuned accuracy ({accuracies})"
+        table = Table(caption=f"95% bootstrap intervals over {'/'.join(map(str, seeds))} "
                               "fine-tuning seed(s) per model" if max(seeds) > 1 else
                       "one fine-tuning seed per model: no intervals (finetune --seeds N)")
         table.add_column("metric")
@@ -196,6 +199,7 @@ def evaluate(
                           *(fmt(m.value(k), m.intervals.get(k), not k.startswith("rel@"))
                             for k in ev.STATISTICS))
         shown = results_console(json_out)
+        shown.print(title, soft_wrap=True)
         shown.print(table)
         for a, b in result.better:
             shown.print(f"  {ev.label(a)} ranks better than {ev.label(b)} (tau_w, 95% "
