@@ -1,5 +1,5 @@
 """Print constraints.txt: the installed version of every package that `pip install -e ".[test]"`
-(and the torch, onnx and cpu extras) brings in, read from this environment's metadata.
+(and the torch, onnx, cpu and notebook extras) brings in, read from this environment's metadata.
 
     python .ci/constraints.py > constraints.txt
 
@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = "ddscore-jax"
-EXTRAS = ("test", "torch", "onnx", "cpu")
+EXTRAS = ("test", "torch", "onnx", "cpu", "notebook")
 
 
 def closure(root: str, extras: tuple[str, ...]) -> dict[str, str]:
