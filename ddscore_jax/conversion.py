@@ -88,6 +88,13 @@ def convert_sources(sources: Sequence[str | os.PathLike], zoo_dir: str | os.Path
     empty folder) raise InputError before anything is written; a checkpoint that cannot be
     imported is listed in ``refused`` and the others are still added.
     """
+    # Orbax finds a checkpoint's parts by glob: under a folder whose path holds [ ] * ? it
+    # writes a checkpoint it cannot read back. Refuse such a zoo before anything is written.
+    wild = sorted(set("[]*?") & set(str(Path(zoo_dir).resolve())))
+    if wild:
+        raise InputError(f"{zoo_dir}: a zoo path cannot hold {' '.join(wild)} (Orbax, which "
+                         "stores the checkpoints, reads them back by glob); choose another "
+                         "folder")
     paths = expand_sources(sources)
     if name is not None and len(paths) != 1:
         raise InputError(f"--name {name!r} needs exactly one source checkpoint, got {len(paths)}")

@@ -25,9 +25,9 @@ CLASSES = ("crack [x]", "ok :cat:", "scratch é")
 def odd(tmp_path_factory):
     """A zoo and a data set under paths that hold markup, with two copies of one checkpoint
     (a, b: told apart by nothing) and a different one (c)."""
-    # The zoo itself lives under a plain path: Orbax/tensorstore cannot read back a checkpoint
-    # under one with these characters (a library limit, reported separately); every other path
-    # here holds them.
+    # The zoo itself lives under a plain path: Orbax cannot read back a checkpoint under one with
+    # [ or ] (convert refuses such a zoo: test_a_zoo_path_with_brackets_is_refused); every other
+    # path here holds them.
     root = tmp_path_factory.mktemp("out")
     ckpts = root / f"ckpts {ODD}"
     ckpts.mkdir(parents=True)
@@ -123,6 +123,14 @@ def test_every_user_string_prints_as_given(odd, tmp_path):
 
     assert not _common.console._markup and not _common.stdout._markup
     assert not _common.console._emoji and not _common.stdout._emoji
+
+
+def test_a_zoo_path_with_brackets_is_refused(odd, tmp_path):
+    root = odd[0]
+    bad = tmp_path / "zoo[v2]"
+    r = cli("convert", root / f"ckpts {ODD}" / "a.pth", "--zoo", bad)
+    assert r.returncode == 2 and f"{bad}: a zoo path cannot hold [ ]" in error_line(r), r.stderr
+    assert not bad.exists()
 
 
 def test_resamples_zero_drops_the_interval_columns(odd):
