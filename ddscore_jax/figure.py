@@ -140,10 +140,13 @@ def _tau_panel(fig, ax, metrics: list[str], tau: np.ndarray) -> None:
     labels = [LABELS.get(m, m) for m in metrics]
     ax.set_xticks(range(len(metrics)), labels, rotation=40, ha="right", fontsize=7)
     ax.set_yticks(range(len(metrics)), labels, fontsize=7)
+    # Many metrics: fewer digits and a smaller font, so that the cells stay readable.
+    many = len(metrics) > 5
     for i in range(len(metrics)):
         for j in range(len(metrics)):
-            text = "n/a" if np.isnan(tau[i, j]) else f"{tau[i, j]:+.2f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+            text = "n/a" if np.isnan(tau[i, j]) else f"{tau[i, j]:.1f}" if many else \
+                f"{tau[i, j]:+.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=5 if many else 7,
                     color="white" if abs(np.nan_to_num(tau[i, j])) > 0.6 else "black")
     ax.set_title("Kendall tau between the metrics' rankings", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)

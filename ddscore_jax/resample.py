@@ -391,4 +391,13 @@ def uncertainty(
                         "needs more distinct images than feature dimensions)", m,
                         ", ".join(bad), m)
         out[m] = summarise(per_model[m], {n: points[m][n] for n in per_model[m]})
+        outside = [n for n, u in out[m].items() if not u.interval[0] <= points[m][n]
+                   <= u.interval[1]]
+        if outside:
+            # A replicate holds ~63% distinct images; a metric biased in the number of images
+            # (one that rewards fitting the labels) then scores replicates off the point score.
+            log.warning("%s: the point score of %s lies outside its bootstrap interval (the "
+                        "metric is biased on resampled images): read the intervals as spread; "
+                        "the ranks and the leader's group rest on paired differences "
+                        "(docs/uncertainty.md)", m, ", ".join(outside))
     return out
