@@ -99,13 +99,16 @@ def print_ranking(ranking, title: str, console: Console) -> None:
     console.print(table(ranking, title))
 
 
-def _finetune_data(data_root: Path | None) -> str:
-    # Scores come from DATA/train (docs/finetune.md); fine-tuning takes DATA, train/ and valid/.
+def _finetune_data(data_root: Path | None) -> str | None:
+    """The DATA to fine-tune on: the folder with train/ and valid/ (the parent of a scored
+    DATA/train, docs/finetune.md), or None when the ranked data has no such folder."""
     if data_root is None:
-        return "DATA"
+        return None
     root = Path(data_root)
     if root.name == "train" and (root.parent / "valid").is_dir():
         root = root.parent
+    if not ((root / "train").is_dir() and (root / "valid").is_dir()):
+        return None
     return shlex.quote(str(root))
 
 
@@ -118,12 +121,15 @@ def next_step(ranking, zoo_dir: Path | None, data_root: Path | None,
         return None
     group = ranking.leader_group()
     zoo = shlex.quote(str(zoo_dir)) if zoo_dir is not None else "ZOO"
-    command = f"ddscore-jax finetune {zoo} {_finetune_data(data_root)}"
+    data = _finetune_data(data_root)
+    command = f"ddscore-jax finetune {zoo} {data or 'DATA'}"
     if ranking_json not in (None, "-"):
         command += f" --top 1 --ranking {shlex.quote(str(ranking_json))}"
     else:
         command += f" --models {shlex.quote(','.join(group))}"
     command += " --out finetuned.json"
+    if data is None:
+        command += " (DATA: a folder with train/ and valid/; rank DATA/train)"
     if len(group) == 1:
         return (f"next: {group[0]} leads, told apart from every other model at 95%; to confirm "
                 f"it on your task: {command}")

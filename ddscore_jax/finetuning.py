@@ -50,6 +50,14 @@ TRAIN = "train"
 Settings = FinetuneSettings
 
 
+def recipe(settings: Settings, learning_rate: float) -> train.Recipe:
+    """The trainer's recipe for ``settings`` at one learning rate of the grid."""
+    return train.Recipe(batch_size=settings.batch_size, optimizer=settings.optimizer,
+                        learning_rate=learning_rate, momentum=settings.momentum,
+                        weight_decay=settings.weight_decay, schedule=settings.schedule,
+                        clip_norm=settings.clip_norm, flip=settings.flip)
+
+
 def network(imported: ImportedModel, num_classes: int, *,
             seed: int = 0) -> tuple[ResNetConfig, nnx.State, bool]:
     """The network to fine-tune from a zoo model: ``(config, state, layer4_pretrained)``.
@@ -261,7 +269,7 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
                                                 seed=seed)
         except ValueError as e:
             raise InputError(f"{Path(zoo_dir) / entry.checkpoint}: {e}") from None
-        trainer = train.Trainer(config, settings.recipe(lr))
+        trainer = train.Trainer(config, recipe(settings, lr))
         description = f"fine-tuning {entry.name}, lr {lr:g}, seed {seed} ({k + 1}/{len(todo)})"
         started = time.monotonic()
 

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ddscore_jax.errors import InputError
-
-if TYPE_CHECKING:
-    from ddscore_jax.train import Recipe
 
 # Imports run one way: ddscore -> settings, metrics -> settings, never back. This module imports
 # nothing heavy (the CLI reads its defaults before jax loads).
@@ -188,15 +185,6 @@ class FinetuneSettings:
             raise InputError(f"--weight-decay must be at least 0, got {self.weight_decay}")
         if self.seeds < 1:
             raise InputError(f"--seeds must be at least 1, got {self.seeds}")
-
-    def recipe(self, learning_rate: float) -> Recipe:
-        """The trainer's recipe at one learning rate of the grid."""
-        from ddscore_jax.train import Recipe
-
-        return Recipe(batch_size=self.batch_size, optimizer=self.optimizer,
-                      learning_rate=learning_rate, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule=self.schedule,
-                      clip_norm=self.clip_norm, flip=self.flip)
 
     def run_settings(self) -> dict:
         """The settings a single run depends on (the grid left out)."""

@@ -67,7 +67,9 @@ def test_the_table_goes_to_stdout_with_intervals_and_the_next_step(odd):
         else [step[0].split()[1]]
     assert {"a", "b"} <= set(group) or not {"a", "b"} & set(group), step
     assert all("*" in rows[name] for name in group)
-    assert f"ddscore-jax finetune {zoo} '{data}' --models {','.join(group)}" in step[0]
+    # The data has no train/ and valid/ to fine-tune on: the command says what DATA must be.
+    assert f"ddscore-jax finetune {zoo} DATA --models {','.join(group)}" in step[0]
+    assert "(DATA: a folder with train/ and valid/; rank DATA/train)" in step[0]
 
 
 def test_json_or_csv_on_stdout_is_all_that_is_there(odd, tmp_path):
@@ -95,11 +97,16 @@ def test_json_or_csv_on_stdout_is_all_that_is_there(odd, tmp_path):
 
 
 def test_quiet_keeps_results_and_errors_only(odd):
+    root, zoo, data, cache = odd
+    loud = _rank(odd)
+    assert "reused cached features" in loud.stderr and "next:" in loud.stderr, loud.stderr
     r = _rank(odd, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "P(best)" in r.stdout
-    assert r.stderr == "", r.stderr  # no bars, no "reused cached features", no next step
-    root, zoo, data, cache = odd
+    # No bars, no "reused cached features", no next step; a library warning would stay.
+    assert all(ln.startswith(str(data)) or "warning" in ln.lower()
+               for ln in r.stderr.splitlines() if ln.strip()), r.stderr
+    assert "reused cached" not in r.stderr and "next:" not in r.stderr
     bad = cli("rank", zoo, data, "--quiet", "--image-size", "8")
     assert bad.returncode == 2 and "--image-size must be at least 32" in error_line(bad)
 
@@ -242,3 +249,22 @@ def test_a_read_only_cache_ranks_without_caching_and_says_so(odd, tmp_path):
         assert len(warnings) == 1 and "read-only file system" in warnings[0], (how, r.stderr)
         assert "ranking without it" in warnings[0] and "D-deepscore" in r.stdout
     assert list(source.rglob("*")) == [source / "features"]  # nothing was written
+
+
+def test_the_next_step_fine_tunes_the_parent_of_a_scored_train_folder(tmp_path):
+    from ddscore_jax.api import Ranking
+    from ddscore_jax.cli.ranking_table import next_step
+    from ddscore_jax.ddscore import ModelScore, Uncertainty
+
+    for part in ("train", "valid"):
+        (tmp_path / "data" / part).mkdir(parents=True)
+    models = [ModelScore(n, s, {}, {"ddscore": s}, {}, {"ddscore": Uncertainty(
+        (s - 0.1, s + 0.1), (1, 2), p, tied)}) for n, s, p, tied in
+        (("a", 1.0, 0.6, True), ("b", 0.95, 0.4, True), ("c", 0.5, 0.0, False))]
+    ranking = Ranking(models, {}, {"metrics": ["ddscore"], "resamples": 200})
+    line = next_step(ranking, tmp_path / "zoo", tmp_path / "data" / "train", None)
+    assert line.endswith(f"ddscore-jax finetune {tmp_path / 'zoo'} {tmp_path / 'data'} "
+                         "--models a,b --out finetuned.json"), line
+    assert "2 models cannot be told apart from the leader" in line
+    saved = next_step(ranking, tmp_path / "zoo", tmp_path / "data", "r.json")
+    assert saved.endswith("--top 1 --ranking r.json --out finetuned.json"), saved
