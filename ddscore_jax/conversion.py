@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from ddscore_jax.converters import (
 from ddscore_jax.converters.files import HUB_CONFIG, checkpoint_suffix, model_folder_weights
 from ddscore_jax.errors import InputError
 from ddscore_jax.progress import Progress
+
+log = logging.getLogger(__name__)
 
 # In a folder of checkpoints a bare ".tar" is more often a data archive than a checkpoint.
 _FOLDER_SKIPS = (".tar",)
@@ -128,6 +131,8 @@ def _convert_one(path: Path, model_name: str, zoo_dir: str | os.PathLike, overwr
     if known.get(model_name) == sha256:
         return []  # the same bytes under the same name: already in the zoo, nothing to read
     loaded = load_source(path)
+    if loaded.note:
+        log.warning("%s", loaded.note)
     addition = zoo.Addition(model_name, path.resolve(), loaded.source_format, sha256,
                             loaded.model)
     return zoo.add(zoo_dir, [addition], overwrite=overwrite)
