@@ -91,8 +91,9 @@ def _print_ranking(ranking, title: str) -> None:
 def convert(
     sources: Annotated[list[Path], typer.Argument(
         help="Checkpoints: .safetensors, .pth, .pt, .bin, .pth.tar, .ckpt, .onnx files, model "
-             "folders (config.json + weights, as save_pretrained or hf download write them), or "
-             "folders of these.")],
+             "folders (config.json + weights, as save_pretrained or hf download write them), "
+             "folders of these, or the Hugging Face cache: its root, a models--org--name folder, "
+             "or a repo id org/name.")],
     zoo_dir: Annotated[Path, typer.Option("--zoo", help="Zoo folder (created if missing).")],
     name: Annotated[str | None, typer.Option(
         help="Name in the zoo (only with a single source); default: the file's stem or the "
@@ -115,6 +116,8 @@ def convert(
         console.print(f"added [bold]{n}[/bold] to {zoo_dir}")
     for n in result.unchanged:
         console.print(f"{n}: already in {zoo_dir}, unchanged")
+    for line in result.skipped:
+        print(f"skipped: {line}", file=sys.stderr)  # plain print: it names a user's path
     for line in result.refused:
         # Plain print: a refusal names a user's path, which rich would read as markup.
         print(f"error: {line}", file=sys.stderr)
