@@ -25,6 +25,14 @@ IMAGES = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype(np.float32)
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _offline():
+    """No test here reaches the network, this process included (the commands get it too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 def add_to_cache(cache: Path, repo_id: str, folder: Path, revision: str, main: bool = True,
                  kind: str = "models") -> Path:
     """Lay ``folder``'s files into the cache as a download of ``repo_id`` at ``revision``
