@@ -22,19 +22,12 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from ddscore_jax import interrupts
 from ddscore_jax.atomic import write_json_atomic
 from ddscore_jax.errors import InputError, environment_message, os_error_in_text
 from ddscore_jax.metrics import METRICS
+from ddscore_jax.progress import Bars  # noqa: F401  (the library's bars; commands use them)
 from ddscore_jax.settings import Dtype, Engine
 
 # Typer 0.2x carries its own copy of Click: its usage errors are these classes, not click's.
@@ -95,29 +88,6 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 def _usage(e: _clickx.UsageError) -> InputError:
     where = e.ctx.command_path if e.ctx is not None else "ddscore-jax"
     return InputError(f"{e.format_message()} (see `{where} --help`)")
-
-
-class Bars:
-    """The library's ``progress(description, completed, total)`` callback as rich progress bars."""
-
-    def __init__(self) -> None:
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                             # Piped stderr gets no bar snapshots: an error stays one line there.
-                             transient=not console.is_terminal)
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self) -> Bars:
-        self.bars.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bars.__exit__(*exc)
-
-    def __call__(self, description: str, completed: int, total: int) -> None:
-        if description not in self.tasks:
-            self.tasks[description] = self.bars.add_task(description, total=total)
-        self.bars.update(self.tasks[description], completed=completed, total=total)
 
 
 def split(values: list[str]) -> list[str]:

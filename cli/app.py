@@ -185,11 +185,18 @@ def rank(
     workers: WorkersOpt = _E.workers,
     metric: MetricOpt = list(_S.metrics),  # noqa: B006, B008 - Typer reads it, never mutates it
     engine: EngineOpt = _E.engine,
+    figure: Annotated[Path | None, typer.Option(
+        "--figure", metavar="PATH", help="Also draw the ranking (.png, .svg or .pdf): intervals, "
+        "the leader's group, and how the metrics' rankings agree.")] = None,
 ) -> None:
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
+    from ddscore_jax.figure import check_path, plot_ranking
 
     refuse_clobber(json_out, zoo_dir, data_root, *([cache_dir] if cache_dir else []))
+    refuse_clobber(figure, zoo_dir, data_root, *([cache_dir] if cache_dir else []))
+    if figure is not None:
+        check_path(figure)  # a bad suffix or folder fails before any work
     check_json(json_out)
     with Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
@@ -200,6 +207,9 @@ def rank(
         console.print(f"reused cached features of {len(ranking.cached)} model(s)")
     _print_ranking(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "
                             f"{len(ranking.dataset['classes'])} classes")
+    if figure is not None:
+        plot_ranking(ranking, figure, title=f"{data_root}: {ranking.dataset['n_images']} images")
+        print(f"figure: {figure}", file=sys.stderr)  # plain print: a path is not rich markup
     write_json(ranking.to_json(), json_out)
 
 

@@ -14,7 +14,9 @@ from rich.table import Table
 
 from ddscore_jax import evaluation as ev
 from ddscore_jax import finetuning as ft
+from ddscore_jax import zoo
 from ddscore_jax.cli._common import Bars, JsonOpt, console, write_json
+from ddscore_jax.errors import InputError
 from ddscore_jax.train import Optimizer, Schedule
 
 _D, _EV = ft.Settings, ev.Settings  # every option default is read from these
@@ -61,15 +63,23 @@ def finetune(
         help="First seed of the batch order, the flips and any freshly initialised "
              "layer4.")] = _D.seed,
     json_out: JsonOpt = None,
+    models: Annotated[str | None, typer.Option(
+        "--models", metavar="NAME[,NAME...]", help="Fine-tune only these zoo models.")] = None,
+    top: Annotated[int | None, typer.Option(
+        "--top", metavar="K", help="Fine-tune the K best of --ranking, plus every model that "
+        "cannot be told apart from them (K=1: the leader's group).")] = None,
+    ranking: Annotated[Path | None, typer.Option(
+        "--ranking", metavar="FILE", help="A `rank --json` file of this zoo, for --top.")] = None,
 ) -> None:
-    """Fine-tune every zoo model on DATA/train and record its accuracy on DATA/valid."""
+    """Fine-tune every zoo model (or those chosen) on DATA/train; record accuracy on DATA/valid."""
+    chosen = _chosen(zoo_dir, models, top, ranking)
     grid = tuple(learning_rate) if learning_rate else _D.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
                            optimizer=optimizer, learning_rates=grid, momentum=momentum,
                            weight_decay=weight_decay, schedule=schedule, clip_norm=clip_norm,
                            flip=flip, seeds=seeds, seed=seed)
     with Bars() as bars:
-        doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars)
+        doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars, models=chosen)
     table = Table(title=f"{data_root}: held-out accuracy after fine-tuning "
                         f"({doc['dataset']['held_out']['n_images']} images in valid/)",
                   caption=f"results: {out}")
@@ -87,6 +97,28 @@ def finetune(
         console.print("layer4 'fresh': the checkpoint has no layer4, so it was initialised "
                       "from the seed and trained from scratch")
     write_json(doc, json_out)
+
+
+def _chosen(zoo_dir: Path, models: str | None, top: int | None,
+            ranking: Path | None) -> list[str] | None:
+    """The models --models or --top/--ranking name (None: the whole zoo); InputError for a bad
+    combination, an unknown name or a ranking of another zoo."""
+    from ddscore_jax import shortlist
+
+    if models is not None and (top is not None or ranking is not None):
+        raise InputError("--models and --top/--ranking choose the models two ways; give one")
+    if (top is None) != (ranking is None):
+        raise InputError("--top K and --ranking FILE go together")
+    if models is not None:
+        names = [n.strip() for n in models.split(",") if n.strip()]
+        ft.select(zoo.read_nonempty(zoo_dir), names, zoo_dir)  # an unknown name: before any work
+        return names
+    if top is None:
+        return None
+    doc = shortlist.read_ranking(ranking)
+    names = shortlist.top(doc, top)
+    shortlist.check_zoo(doc, names, zoo_dir, ranking)
+    return names
 
 
 def evaluate(

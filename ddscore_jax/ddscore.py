@@ -21,9 +21,7 @@ import numpy as np
 # The feature points D-deepscore averages: model.SCORE_BLOCKS (docs/method.md).
 from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.serial_lapack import map_matrices, single_threaded_blas
-from ddscore_jax.settings import ScoreSettings
-
-RCOND = 1e-10  # the reference's pinv cut-off
+from ddscore_jax.settings import RCOND, ScoreSettings
 
 
 def precision_for(backend: str | None = None) -> str:
@@ -96,15 +94,60 @@ def block_scores(features: np.ndarray, labels: np.ndarray, *, rcond: float = RCO
 
 
 @dataclass(frozen=True)
+class Uncertainty:
+    """How one model's score under one metric moves over the bootstrap replicates of the target
+    images (ddscore_jax.resample, docs/uncertainty.md). Every interval is the 95% percentile one."""
+
+    interval: tuple[float, float]  # of the score
+    rank_interval: tuple[int, int]  # of the rank, 1 = best
+    p_best: float  # fraction of replicates where it ranks first (a tie split evenly)
+    tied_with_best: bool  # the leader, or the leader - model paired difference's interval holds 0
+
+    def to_json(self) -> dict:
+        return {"interval": list(self.interval), "rank_interval": list(self.rank_interval),
+                "p_best": self.p_best, "tied_with_best": self.tied_with_best}
+
+
+@dataclass(frozen=True)
 class ModelScore:
     """One model's result: ``score`` ranks it; ``metrics`` holds every metric asked for, and
-    ``metric_block_scores`` each feature metric's value per block."""
+    ``metric_block_scores`` each feature metric's value per block. ``uncertainty`` has an entry
+    per metric the model has, when the ranking was resampled (empty with ``resamples=0``); the
+    properties read the ranking (first) metric's, None without it."""
 
     name: str
     score: float
     block_scores: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
     metric_block_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    uncertainty: dict[str, Uncertainty] = field(default_factory=dict)
+
+    def _first(self) -> Uncertainty | None:
+        # The ranking metric is the first of ``metrics`` (D-deepscore alone: no metrics dict).
+        first = next(iter(self.metrics), None)
+        if first is None:
+            return next(iter(self.uncertainty.values()), None)
+        return self.uncertainty.get(first)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        u = self._first()
+        return None if u is None else u.interval
+
+    @property
+    def rank_interval(self) -> tuple[int, int] | None:
+        u = self._first()
+        return None if u is None else u.rank_interval
+
+    @property
+    def p_best(self) -> float | None:
+        u = self._first()
+        return None if u is None else u.p_best
+
+    @property
+    def tied_with_best(self) -> bool | None:
+        u = self._first()
+        return None if u is None else u.tied_with_best
 
 
 def score_models(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -223,9 +224,26 @@ def summarise(entry: zoo.ZooEntry, runs: list[dict], settings: Settings) -> dict
     }
 
 
+def select(entries: list[zoo.ZooEntry], models: Sequence[str] | None,
+           zoo_dir: str | os.PathLike) -> list[zoo.ZooEntry]:
+    """The zoo entries named by ``models`` (all for None), in zoo order; InputError for a name
+    the zoo lacks, or an empty selection."""
+    if models is None:
+        return entries
+    wanted = list(dict.fromkeys(models))
+    known = {e.name for e in entries}
+    unknown = [m for m in wanted if m not in known]
+    if unknown:
+        raise InputError(f"{zoo_dir}: no model named {', '.join(unknown)} in this zoo "
+                         f"(it has {', '.join(e.name for e in entries)})")
+    if not wanted:
+        raise InputError(f"{zoo_dir}: no model selected to fine-tune")
+    return [e for e in entries if e.name in wanted]
+
+
 def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
              results: str | os.PathLike, settings: Settings = Settings(), *,
-             progress: Progress | None = None) -> dict:
+             progress: Progress | None = None, models: Sequence[str] | None = None) -> dict:
     """Fine-tune every model of ``zoo_dir`` on ``DATA/train`` at every learning rate and seed of
     ``settings``; test each run on ``DATA/valid``.
 
@@ -235,7 +253,8 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     "settings", "train_fingerprint", "held_out_fingerprint"}], "models": [:func:`summarise`]}``,
     models in zoo order, each once all its runs are done. Runs already there with the same
     checkpoint, data, settings, rate and seed are kept, not repeated; entries of models not in
-    this zoo are kept too.
+    this zoo are kept too. ``models`` fine-tunes only those zoo models (InputError naming any
+    the zoo lacks); the others' entries in the results are kept as they are.
     """
     settings.check()
     results = Path(results)
@@ -243,7 +262,7 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
         raise InputError(f"{results}: folder {results.parent} does not exist")
     doc = read_results(results)
     split = scan_split(data_root)
-    entries = zoo.read_nonempty(zoo_dir)
+    entries = select(zoo.read_nonempty(zoo_dir), models, zoo_dir)
     train_fp = cache.dataset_fingerprint(split.train)
     held_fp = cache.dataset_fingerprint(split.held_out)
     run_settings = settings.run_settings()

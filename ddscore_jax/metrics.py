@@ -324,7 +324,6 @@ def _logme_one(f: jax.Array, lab: _Labels) -> LogMEFit:
     n, d = f.shape
     s, u = _left_svd(f)
     k = s.shape[0]
-    sig = (s**2)[:, None]  # (k, 1) eigenvalues of f^T f (the d - k others are 0)
     z = u.T @ lab.onehot  # (k, C)
     # |y - U z|^2, the part of y outside range(f), formed from the residual vector rather than as
     # |y|^2 - |z|^2: beta multiplies it, and beta is huge exactly when it is tiny.
@@ -332,7 +331,26 @@ def _logme_one(f: jax.Array, lab: _Labels) -> LogMEFit:
         perp = jnp.zeros(z.shape[1], f.dtype)
     else:
         perp = jnp.sum((lab.onehot - u @ z) ** 2, axis=0)
-    tiny = jnp.finfo(f.dtype).tiny
+    return _logme_from_spectrum(n, d, s, z, perp)
+
+
+def _logme_from_spectrum(n: int, d: int, s: jax.Array, z: jax.Array, perp: jax.Array,
+                         active: jax.Array | None = None) -> LogMEFit:
+    """The evidence maximisation of :func:`_logme_one` from the SVD's pieces: singular values
+    s (k,), z = U^T y (k, C) and the part of y outside range(f), perp (C,). ``active`` (k,) marks
+    the directions that count (default: all); an inactive one is a zero singular value, like the
+    d - k beyond the SVD (resample.py so passes the null directions of a weighted Gram)."""
+    dtype = s.dtype
+    if active is None:
+        k = s.shape[0]
+        on = 1.0  # multiplies exactly: the published path's numbers are unchanged
+    else:
+        k = jnp.sum(active)
+        on = active[:, None].astype(dtype)
+        s = jnp.where(active, s, 0.0)
+        z = z * on
+    sig = (s**2)[:, None]  # (k, 1) eigenvalues of f^T f (the d - k others are 0)
+    tiny = jnp.finfo(dtype).tiny
 
     def stats(alpha, beta):
         denom = alpha + beta * sig  # (k, C): eigenvalues of A = alpha I + beta f^T f
@@ -340,7 +358,7 @@ def _logme_one(f: jax.Array, lab: _Labels) -> LogMEFit:
         res = perp + jnp.sum((alpha * z / denom) ** 2, axis=0)  # |y - f m|^2
         gamma = jnp.sum(beta * sig / denom, axis=0)  # effective number of parameters
         # n - gamma written without the cancellation, so it stays exact as beta / alpha grows.
-        n_minus_gamma = (n - k) + jnp.sum(alpha / denom, axis=0)
+        n_minus_gamma = (n - k) + jnp.sum(on * alpha / denom, axis=0)
         return denom, m2, res, gamma, n_minus_gamma
 
     def step(state):
@@ -362,15 +380,15 @@ def _logme_one(f: jax.Array, lab: _Labels) -> LogMEFit:
         it, _, _, change = state
         return (it < LOGME_MAX_ITER) & (change > LOGME_TOL)
 
-    ones = jnp.ones(z.shape[1], f.dtype)
+    ones = jnp.ones(z.shape[1], dtype)
     it, alpha, beta, _ = jax.lax.while_loop(
-        not_done, step, (jnp.int32(0), ones, ones, jnp.asarray(jnp.inf, f.dtype)))
+        not_done, step, (jnp.int32(0), ones, ones, jnp.asarray(jnp.inf, dtype)))
     # The evidence of the final (alpha, beta), with m and the residual recomputed for exactly those
     # values, so it is the exact log marginal likelihood even if the loop stopped early.
     denom, m2, res, _, _ = stats(alpha, beta)
     # log|A| over all d eigenvalues: the k from the SVD plus d - k that equal alpha. The widely
     # copied fixed-point code drops the (d - k) log(alpha) term, which matters when n < d.
-    logdet_a = jnp.sum(jnp.log(denom), axis=0) + (d - k) * jnp.log(alpha)
+    logdet_a = jnp.sum(on * jnp.log(denom), axis=0) + (d - k) * jnp.log(alpha)
     evidence = (n / 2 * jnp.log(beta) + d / 2 * jnp.log(alpha) - n / 2 * math.log(2 * math.pi)
                 - beta / 2 * res - alpha / 2 * m2 - logdet_a / 2)
     return LogMEFit(evidence, alpha, beta, jnp.broadcast_to(it, alpha.shape))
@@ -451,13 +469,18 @@ def _gbc_one(f: jax.Array, lab: _Labels) -> jax.Array:
     # Two-pass variance: subtract each row's class mean before squaring.
     resid = f - onehot @ means
     per_dim = (onehot.T @ resid**2) / counts[:, None]  # (C, d)
+    return _gbc_from_moments(means, per_dim)
+
+
+def _gbc_from_moments(means: jax.Array, per_dim: jax.Array) -> jax.Array:
+    """GBC from the class means (C, d) and per-dimension class variances (C, d)."""
     var = jnp.maximum(per_dim, GBC_VARIANCE_FLOOR).mean(axis=1)  # (C,)
     avg = (var[:, None] + var[None, :]) / 2
     sq = jnp.sum((means[:, None, :] - means[None, :, :]) ** 2, axis=-1)
     dist = sq / (8 * avg) + 0.5 * (jnp.log(avg) - 0.5 * (jnp.log(var)[:, None]
                                                           + jnp.log(var)[None, :]))
     bc = jnp.exp(-dist)
-    off = 1.0 - jnp.eye(bc.shape[0], dtype=f.dtype)
+    off = 1.0 - jnp.eye(bc.shape[0], dtype=means.dtype)
     return -jnp.sum(bc * off)
 
 

@@ -8,11 +8,16 @@ validation. ``rank`` is an :class:`ExtractSettings` plus a :class:`ScoreSettings
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ddscore_jax.errors import InputError
+
+# Imports run one way: ddscore -> settings, metrics -> settings, never back. This module imports
+# nothing heavy (the CLI reads its defaults before jax loads).
+
+RCOND = 1e-10  # the reference's pinv cut-off (D-deepscore, H-scores); recorded in the settings
 
 Dtype = Literal["float32", "bfloat16"]
 DTYPES: tuple[str, ...] = Dtype.__args__
@@ -60,46 +65,55 @@ class ExtractSettings:
         return self
 
 
+# Fewer bootstrap replicates than this make a 95% percentile interval little more than the
+# extremes of a handful of draws (docs/uncertainty.md).
+MIN_RESAMPLES = 20
+CONFIDENCE = 0.95  # of every interval: score, rank and the paired difference to the leader
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
-    """How features become scores: the seeded subset and the metrics (the first ranks)."""
+    """How features become scores: the seeded subset, the metrics (the first ranks) and the
+    number of bootstrap replicates behind the intervals (0: none; docs/uncertainty.md). The
+    bootstrap is seeded by ``seed`` too, so one seed repeats a whole run."""
 
     train_fraction: float = 0.8
     seed: int = 0
     metrics: tuple[str, ...] = ("ddscore",)
+    # 200: a fifth of a cold 10-model rank's time (benchmarks/README.md); docs/uncertainty.md
+    resamples: int = 200
 
-    def check(self) -> ScoreSettings:
-        """``self`` with the metric names cleaned (see :func:`check_metrics`), or InputError."""
+    def check(self, known_metrics: Collection[str]) -> ScoreSettings:
+        """``self`` with the metric names cleaned (in order, without repeats), or InputError.
+        ``known_metrics`` is the registry (``ddscore_jax.metrics.METRICS``), passed in so that
+        this module never imports the score modules that import it."""
         if not 0.0 < self.train_fraction <= 1.0:
             raise InputError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         if self.seed < 0:
             raise InputError(f"--seed must be a non-negative integer, got {self.seed}")
-        return ScoreSettings(self.train_fraction, self.seed, tuple(check_metrics(self.metrics)))
-
-
-def check_metrics(metrics: Sequence[str]) -> list[str]:
-    """The metric names asked for, in order, without repeats; InputError for an unknown one."""
-    from ddscore_jax.metrics import METRICS
-
-    names = list(dict.fromkeys(m.strip() for m in metrics if m.strip()))
-    for m in names:
-        if m not in METRICS:
-            raise InputError(f"--metric {m}: unknown metric; choose from {', '.join(METRICS)}")
-    return names or list(ScoreSettings.metrics)
+        if self.resamples != 0 and self.resamples < MIN_RESAMPLES:
+            raise InputError(f"--resamples must be 0 (off) or at least {MIN_RESAMPLES}, got "
+                             f"{self.resamples}")
+        names = list(dict.fromkeys(m.strip() for m in self.metrics if m.strip()))
+        for m in names:
+            if m not in known_metrics:
+                raise InputError(f"--metric {m}: unknown metric; choose from "
+                                 f"{', '.join(known_metrics)}")
+        return replace(self, metrics=tuple(names or ScoreSettings.metrics))
 
 
 def to_json(score: ScoreSettings, precision: str, extract: ExtractSettings | None = None) -> dict:
     """The ``settings`` block of ``score``/``rank --json`` (docs/interface.md): every setting that
     changed the numbers. Without ``extract`` (scoring saved features) the image size and the
     forward's dtype are not ours to know."""
-    from ddscore_jax.ddscore import RCOND
-    from ddscore_jax.model import SCORE_BLOCKS
+    from ddscore_jax.model import SCORE_BLOCKS  # a leaf; imported here to keep this module light
 
     out = {"train_fraction": score.train_fraction, "seed": score.seed}
     if extract is not None:
         out["image_size"] = extract.image_size
     out |= {"blocks": list(SCORE_BLOCKS), "rcond": RCOND, "precision": precision,
-            "metrics": list(score.metrics)}
+            "metrics": list(score.metrics), "resamples": score.resamples,
+            "confidence": CONFIDENCE}
     if extract is not None:  # the forward's dtype and engine change the features, so the score
         out["forward_dtype"] = extract.dtype
         out["forward_engine"] = extract.engine  # as resolved: never "auto"

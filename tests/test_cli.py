@@ -89,11 +89,12 @@ def test_extract_score_rank_agree(workspace, tmp_path):
     # The settings block is settings.to_json of the run's ExtractSettings + ScoreSettings, keys
     # as before the settings classes existed.
     assert list(settings) == ["train_fraction", "seed", "image_size", "blocks", "rcond",
-                              "precision", "metrics", "forward_dtype", "forward_engine"]
+                              "precision", "metrics", "resamples", "confidence",
+                              "forward_dtype", "forward_engine"]
     # The engine that ran (it keys the cache too), never "auto".
     assert settings["forward_engine"] in ("jax", "onnxruntime")
     assert list(by_score["settings"]) == ["train_fraction", "seed", "blocks", "rcond",
-                                          "precision", "metrics"]
+                                          "precision", "metrics", "resamples", "confidence"]
     assert settings["precision"] == "float64" and settings["image_size"] == 32
     assert settings["train_fraction"] == 0.8 and settings["seed"] == 0
 
@@ -377,7 +378,7 @@ def test_every_option_default_and_choice_is_its_settings_objects():
 
     commands = typer.main.get_command(app).commands
     plumbing = {"zoo_dir", "data_root", "out", "json_out", "cache_dir", "no_cache", "feats",
-                "files", "figure", "no_figure"}
+                "files", "figure", "no_figure", "models", "top", "ranking"}
     # (settings class, {field: option} where the names differ, fields the CLI does not expose)
     built_from = {
         "extract": [(settings.ExtractSettings, {}, set())],

@@ -50,3 +50,46 @@ def test_every_module_the_package_imports_is_a_declared_dependency():
     for name in sorted(third_party):
         dists = {d.lower().replace("_", "-") for d in distributions.get(name, [name])}
         assert dists & declared, f"{name} (from {sorted(dists)}) is not a declared dependency"
+
+
+def test_the_package_imports_run_one_way():
+    """No import cycle among the package's modules, lazy imports inside functions included
+    (ddscore -> settings -> metrics -> ddscore was one), and every module imports on its own in a
+    fresh interpreter."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ddscore_jax"
+    modules = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in modules:
+        deps = set()
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("ddscore_jax."):
+                    deps.add(node.module.split(".")[1])
+                elif node.module == "ddscore_jax":
+                    deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("ddscore_jax.")}
+        graph[name] = deps & modules
+    # Depth-first search for a back edge.
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path + [node, dep])}"
+            if dep not in state:
+                visit(dep, path + [node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert "settings" in graph["ddscore"] and "ddscore" not in graph["settings"]
+    for m in ("settings", "ddscore", "metrics", "resample"):
+        subprocess.run([sys.executable, "-c", f"import ddscore_jax.{m}"], check=True)
