@@ -95,8 +95,9 @@ def _show(ranking, title: str, json_out: str | None, csv_out: str | None,
 def convert(
     sources: Annotated[list[Path], typer.Argument(
         help="Checkpoints: .safetensors, .pth, .pt, .bin, .pth.tar, .ckpt, .onnx files, model "
-             "folders (config.json + weights, as save_pretrained or hf download write them), or "
-             "folders of these.")],
+             "folders (config.json + weights, as save_pretrained or hf download write them), "
+             "folders of these, or the Hugging Face cache: its root, a models--org--name folder, "
+             "or a repo id org/name.")],
     zoo_dir: Annotated[Path, typer.Option("--zoo", metavar="ZOO",
                                           help="Zoo folder (created if missing).")],
     name: Annotated[str | None, typer.Option(
@@ -121,6 +122,8 @@ def convert(
         note(f"added {n} to {zoo_dir}")
     for n in result.unchanged:
         note(f"{n}: already in {zoo_dir}, unchanged")
+    for line in result.skipped:
+        print(f"skipped: {line}", file=sys.stderr)  # plain print: it names a user's path
     for line in result.refused:
         print(f"error: {line}", file=sys.stderr)
     if result.refused:
