@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import html
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -200,6 +202,21 @@ def _output_folder(folder: str | os.PathLike) -> None:
     """Create an output folder before any work: a read-only, full or forbidden location, or a
     file in the way, fails now (an OSError the CLI reports in one line), not after extraction."""
     make_folder(folder)
+
+
+def _cache_refusal(folder: Path) -> OSError | None:
+    """The OSError of a feature cache location that refuses writes (a read-only mount, a
+    forbidden folder), or None when features can be cached there (the folder is created). Any
+    other OSError (a file in the way, a full disk) is raised: that one is the user's to fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return e
+        raise
+    return None
 
 
 def _check_subset(labels: np.ndarray, classes: Sequence[str], train_fraction: float, seed: int,
@@ -418,8 +435,12 @@ def _rank(zoo_dir, data_root, scoring: ScoreSettings, forward: ExtractSettings, 
     _check_subset(dataset.labels, dataset.classes, train_fraction, seed, str(data_root))
     entries = zoo.read_nonempty(zoo_dir)
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
-    if use_cache:
-        _output_folder(cache_dir)
+    refusal = _cache_refusal(cache_dir) if use_cache else None
+    if refusal is not None:  # the ranking does not need the cache: rank without it
+        log.warning("%s: cannot write the feature cache (%s); ranking without it (nothing is "
+                    "read from or saved to it)", readable(str(cache_dir)),
+                    os.strerror(refusal.errno).lower())
+        use_cache = False
     # The fingerprint stats every image: only a cached rank needs it.
     fingerprint = cache.dataset_fingerprint(dataset) if use_cache else ""
     n = len(dataset)

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -389,6 +390,8 @@ def enable_compilation_cache(folder: Path | None = None) -> Path | None:
     folder = Path(folder) if folder else cache_root() / "jax"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # a read-only mount still lets mkdir succeed
+            pass
     except OSError:
         return None  # an unwritable cache folder costs compile time, never the run
     jax.config.update("jax_compilation_cache_dir", str(folder))

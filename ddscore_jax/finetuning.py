@@ -38,7 +38,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,75 +49,22 @@ from ddscore_jax.atomic import fault_point
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel, ResNetConfig
 from ddscore_jax.progress import Progress
-from ddscore_jax.settings import check_image_and_batch
+from ddscore_jax.settings import FinetuneSettings
 
 RESULTS_KIND = "ddscore-jax finetune results"
 RESULTS_VERSION = 2
 HELD_OUT = "valid"
 TRAIN = "train"
-# What a run's record is matched on besides model, data, learning rate and seed: the settings
-# that are not the grid itself, so that widening the grid or adding seeds reuses every run done.
-_GRID_FIELDS = ("learning_rates", "seeds", "seed")
+# The settings class lives with the other commands' (light, so that the CLI parses without JAX).
+Settings = FinetuneSettings
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything that changes a fine-tuned accuracy. A run is reused only if all match."""
-
-    image_size: int = 64
-    batch_size: int = 32
-    epochs: float = 10.0
-    optimizer: train.Optimizer = "adamw"
-    # The grid every model is tried at; its accuracy is that of the best rate (mean over seeds).
-    learning_rates: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 1e-4  # fixed, not searched
-    schedule: train.Schedule = "cosine"
-    clip_norm: float = 1.0
-    flip: bool = False
-    seeds: int = 1  # repeats per learning rate: seeds seed, seed + 1, ...
-    seed: int = 0
-
-    def check(self) -> None:
-        """InputError naming the first bad option."""
-        check_image_and_batch(self.image_size, self.batch_size)
-        if not self.epochs > 0:
-            raise InputError(f"--epochs must be positive, got {self.epochs}")
-        if self.optimizer not in train.OPTIMIZERS:
-            raise InputError(f"--optimizer must be one of {', '.join(train.OPTIMIZERS)}, "
-                             f"got {self.optimizer!r}")
-        if self.schedule not in train.SCHEDULES:
-            raise InputError(f"--schedule must be one of {', '.join(train.SCHEDULES)}, "
-                             f"got {self.schedule!r}")
-        if not self.learning_rates or not all(lr > 0 for lr in self.learning_rates):
-            raise InputError(f"--learning-rate must be positive (one or more), "
-                             f"got {list(self.learning_rates)}")
-        if len(set(self.learning_rates)) != len(self.learning_rates):
-            raise InputError(f"--learning-rate values repeat: {list(self.learning_rates)}")
-        if not 0 <= self.momentum < 1:
-            raise InputError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.clip_norm < 0:
-            raise InputError(f"--clip-norm must be at least 0 (0: no clipping), "
-                             f"got {self.clip_norm}")
-        if self.weight_decay < 0:
-            raise InputError(f"--weight-decay must be at least 0, got {self.weight_decay}")
-        if self.seeds < 1:
-            raise InputError(f"--seeds must be at least 1, got {self.seeds}")
-
-    def recipe(self, learning_rate: float) -> train.Recipe:
-        """The trainer's recipe at one learning rate of the grid."""
-        return train.Recipe(batch_size=self.batch_size, optimizer=self.optimizer,
-                            learning_rate=learning_rate, momentum=self.momentum,
-                            weight_decay=self.weight_decay, schedule=self.schedule,
-                            clip_norm=self.clip_norm, flip=self.flip)
-
-    def run_settings(self) -> dict:
-        """The settings a single run depends on (the grid left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in _GRID_FIELDS}
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "learning_rates": list(self.learning_rates)}
+def recipe(settings: Settings, learning_rate: float) -> train.Recipe:
+    """The trainer's recipe for ``settings`` at one learning rate of the grid."""
+    return train.Recipe(batch_size=settings.batch_size, optimizer=settings.optimizer,
+                        learning_rate=learning_rate, momentum=settings.momentum,
+                        weight_decay=settings.weight_decay, schedule=settings.schedule,
+                        clip_norm=settings.clip_norm, flip=settings.flip)
 
 
 def network(imported: ImportedModel, num_classes: int, *,
@@ -269,7 +216,7 @@ def select(entries: list[zoo.ZooEntry], models: Sequence[str] | None,
 
 
 def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
-             results: str | os.PathLike, settings: Settings = Settings(), *,
+             results: str | os.PathLike, settings: Settings = Settings(), *,  # noqa: B008
              progress: Progress | None = None, models: Sequence[str] | None = None) -> dict:
     """Fine-tune every model of ``zoo_dir`` on ``DATA/train`` at every learning rate and seed of
     ``settings``; test each run on ``DATA/valid``.
@@ -379,7 +326,7 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
                                                 seed=seed)
         except ValueError as e:
             raise InputError(f"{Path(zoo_dir) / entry.checkpoint}: {e}") from None
-        trainer = train.Trainer(config, settings.recipe(lr))
+        trainer = train.Trainer(config, recipe(settings, lr))
         description = f"fine-tuning {entry.name}, lr {lr:g}, seed {seed} ({k + 1}/{len(todo)})"
         started = time.monotonic()
 

@@ -207,7 +207,7 @@ def test_evaluate_cli_two_targets_with_seeds(tmp_path):
             assert all(x["seeds"] == 3 for x in m["models"])
     mean = doc["mean_over_targets"]["ddscore"]["weighted_tau"]
     assert mean["interval"][0] <= mean["mean"] <= mean["interval"][1]
-    assert "mean over 2 targets" in run.stderr
+    assert "mean over 2 targets" in run.stderr  # --json - holds stdout: the tables go to stderr
     assert sorted(p.name for p in figures.iterdir()) == ["pcb.png", "tiles.png"]
     assert doc["figures"] == [str(figures / "tiles.png"), str(figures / "pcb.png")]
 
@@ -341,7 +341,7 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
         assert m["settings"]["image_size"] == 32 and m["settings"]["optimizer"] == "adamw"
     assert doc["dataset"]["train"]["n_images"] == 33
     assert doc["dataset"]["held_out"]["root"] == str((data / "valid").resolve())
-    assert "fresh" in first.stderr  # the table says which models had no layer4
+    assert "fresh" in first.stderr  # the table (on stderr: --json -) says which had no layer4
 
     # Everything done: nothing is recomputed, the file is not even rewritten.
     before = results.read_bytes()
@@ -380,7 +380,7 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     expect = stats.kendalltau(s, a).statistic if len(set(a)) > 1 else None
     assert row["kendall_tau"] == (pytest.approx(expect) if expect is not None else None)
     assert row["rel@1"] == a[0] / max(a)
-    assert "tau_w" in evaluated.stderr and "D-deepscore" in evaluated.stderr
+    assert "tau_w" in evaluated.stderr and "D-deepscore" in evaluated.stderr  # --json -
     assert out["figure"] == str(figure)
     with Image.open(figure) as img:
         img.verify()
