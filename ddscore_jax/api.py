@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from ddscore_jax import cache, data, interrupts, ort_engine, resample, zoo
-from ddscore_jax.atomic import atomic_path, check_writable, make_folder
+from ddscore_jax.atomic import atomic_path, check_writable, make_folder, refused
 from ddscore_jax.ddscore import ModelScore, precision_for, train_indices
 from ddscore_jax.errors import InputError, readable
 from ddscore_jax.forward import (
@@ -213,7 +213,8 @@ def _cache_refusal(folder: Path) -> OSError | None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        # ENOENT where the parent exists: a folder that takes no new entry (/proc).
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) or refused(folder, e):
             return e
         raise
     return None

@@ -501,7 +501,6 @@ def test_outputs_where_the_folder_refuses_files(zoo, feats, tmp_path):
         (("zoo", "list", zoo_dir, "--json", "/proc/r.json"), "/proc/r.json"),
         (("extract", zoo_dir, data_root, "--out", "/proc/x"), "/proc/x"),
         (("extract", zoo_dir, data_root, "--out", "/proc"), "/proc/m.npz"),
-        (("rank", zoo_dir, data_root, "--cache-dir", "/proc/c"), "/proc/c"),
         (("rank", zoo_dir, data_root, "--figure", "/proc/f.png"), "/proc/f.png"),
         (("convert", zoo / "m.pth", "--zoo", "/proc/z"), "/proc/z"),
         (("finetune", zoo_dir, fine, "--out", "/proc/r.json"), "/proc/r.json"),
@@ -515,6 +514,11 @@ def test_outputs_where_the_folder_refuses_files(zoo, feats, tmp_path):
         assert error_line(r) == (f"error: {named}: cannot be created: folder /proc refuses new "
                                  "files (choose another location)"), (args, r.stderr)
     assert not (tmp_path / "ft.json").exists()  # refused before any training
+    # A cache folder that refuses files: rank goes on without the cache, and says so.
+    r = _cli("rank", zoo_dir, data_root, "--image-size", "32", "--cache-dir", "/proc/c")
+    assert r.returncode == 0, r.stderr
+    assert "/proc/c: cannot write the feature cache (no such file or directory); ranking " \
+        "without it" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
