@@ -54,21 +54,30 @@ def table(ranking, title: str) -> Table:
         caption += (f"; 95% intervals from {ranking.settings.get('resamples')} bootstrap "
                     "replicates of the scored images; * in the leader's group (not told apart "
                     "from the leader)")
+        if len(metrics) > 1:
+            caption += "; the other metrics' intervals: --json, --csv, --figure"
     out = Table(caption=caption)
     out.add_column("rank", justify="right")
-    out.add_column("model")
+    # The model's name is what the table is read for: never shortened, whatever else must give.
+    out.add_column("model", no_wrap=True,
+                   min_width=max((len(m.name) for m in ranking.models), default=0))
     if resampled:
         out.add_column("", justify="center")  # the leader's group mark
-    # D-deepscore alone: its two block scores too. Several metrics: one column group each.
+    # D-deepscore alone: its two block scores too. The ranking metric gets interval, rank
+    # interval and P(best) columns; every further metric its value alone, so that nine metrics
+    # fit a terminal (their intervals: --json, --csv, --figure, said in the caption).
     blocks = ranking.settings["blocks"] if metrics == ["ddscore"] else []
     places = {k: _column_decimals(ranking, k) for k in metrics}
     for i, name in enumerate(metrics):
-        out.add_column(LABELS.get(name, name), justify="right")
-        if resampled:
-            out.add_column("95% interval", justify="right")
-            if i == 0:
+        label = LABELS.get(name, name)
+        if i == 0:
+            out.add_column(label, justify="right")
+            if resampled:
+                out.add_column("95% interval", justify="right", no_wrap=True)
                 out.add_column("rank 95%", justify="right")
                 out.add_column("P(best)", justify="right")
+        else:
+            out.add_column(label, justify="right", no_wrap=True)
     for block in blocks:
         out.add_column(block, justify="right")
     group = set(ranking.leader_group()) if resampled else set()
@@ -76,18 +85,15 @@ def table(ranking, title: str) -> Table:
         cells = [str(i), m.name]
         if resampled:
             cells.append("*" if m.name in group else "")
-        for j, name in enumerate(metrics):
-            d = places[name]
-            cells.append(_fmt(_value(m, name, j == 0), d))
-            if resampled:
-                u = m.uncertainty.get(name)
-                cells.append(f"[{_fmt(u.interval[0], d)}, {_fmt(u.interval[1], d)}]" if u
-                             else "n/a")
-                if j == 0:
-                    cells.append((str(u.rank_interval[0]) if u.rank_interval[0] ==
-                                  u.rank_interval[1] else
-                                  f"{u.rank_interval[0]}-{u.rank_interval[1]}") if u else "n/a")
-                    cells.append(f"{u.p_best:.2f}" if u else "n/a")
+        first, u = metrics[0], m.uncertainty.get(metrics[0])
+        d = places[first]
+        cells.append(_fmt(_value(m, first, True), d))
+        if resampled:
+            cells.append(f"[{_fmt(u.interval[0], d)}, {_fmt(u.interval[1], d)}]" if u else "n/a")
+            cells.append((str(u.rank_interval[0]) if u.rank_interval[0] == u.rank_interval[1]
+                          else f"{u.rank_interval[0]}-{u.rank_interval[1]}") if u else "n/a")
+            cells.append(f"{u.p_best:.2f}" if u else "n/a")
+        cells += [_fmt(_value(m, name, False), places[name]) for name in metrics[1:]]
         cells += [_fmt(m.block_scores.get(b), places["ddscore"]) for b in blocks]
         out.add_row(*cells)
     return out
