@@ -1,6 +1,8 @@
 """``ddscore-jax``: a thin Typer front over the library. Parse, call, print.
 
-People read stderr (tables, progress); machines read ``--json`` (stdout with ``-``, or a file).
+People read the tables on stdout (progress, notes and warnings go to stderr); machines read
+``--json``/``--csv`` (a file, or stdout with ``-``, which then holds only that output and the
+table moves to stderr).
 Exit codes (docs/interface.md): 0 success, 2 bad usage or bad input (one line, no traceback),
 1 internal error.
 """
@@ -15,11 +17,13 @@ import typer
 from rich.table import Table
 
 from ddscore_jax import __version__
-from ddscore_jax.cli import trust
+from ddscore_jax.cli import ranking_table, trust
 from ddscore_jax.cli._common import (
     Bars,
     BatchOpt,
     CacheDirOpt,
+    Command,
+    CsvOpt,
     DataArg,
     DtypeOpt,
     EngineOpt,
@@ -27,15 +31,19 @@ from ddscore_jax.cli._common import (
     JsonOpt,
     MetricOpt,
     OneLineUsageErrors,
+    ResamplesOpt,
     SeedOpt,
     SizeOpt,
     WorkersOpt,
     ZooArg,
     check_json,
-    console,
+    examples,
+    note,
     refuse_clobber,
+    results_console,
     run,
     split,
+    write_csv,
     write_json,
 )
 from ddscore_jax.settings import ExtractSettings, ScoreSettings
@@ -47,11 +55,13 @@ app = typer.Typer(
     cls=OneLineUsageErrors,
     help="Rank pre-trained ResNets for a small labelled image set with D-deepscore.",
     no_args_is_help=True,
-    add_completion=False,
+    # Plain help, as the README reads: rich markup would eat a "[cpu]" in a help text.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-zoo_app = typer.Typer(help="Inspect a model zoo.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Inspect a model zoo.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(zoo_app, name="zoo")
+
 def _version(value: bool) -> None:
     if value:
         print(f"ddscore-jax {__version__}")
@@ -66,35 +76,32 @@ def root(
     """Rank pre-trained ResNets for a small labelled image set with D-deepscore."""
 
 
-def _print_ranking(ranking, title: str) -> None:
-    metrics = ranking.settings["metrics"]
-    caption = f"score precision: {ranking.settings['precision']}"
-    if len(metrics) > 1 or metrics[0] != "ddscore":
-        caption += f"; ranked by {metrics[0]}"
-    table = Table(title=title, caption=caption)
-    table.add_column("rank", justify="right")
-    table.add_column("model")
-    # D-deepscore alone: its two block scores too. Several metrics: one column each.
-    blocks = ranking.settings["blocks"] if metrics == ["ddscore"] else []
-    for name in metrics:
-        table.add_column("D-deepscore" if name == "ddscore" else name, justify="right")
-    for block in blocks:
-        table.add_column(block, justify="right")
-    for i, m in enumerate(ranking.models, 1):
-        values = [m.metrics.get(k, float("nan")) for k in metrics]
-        table.add_row(str(i), m.name, *("n/a" if v != v else f"{v:.6f}" for v in values),
-                      *(f"{m.block_scores[b]:.6f}" for b in blocks))
-    console.print(table)
+def _show(ranking, title: str, json_out: str | None, csv_out: str | None,
+          zoo_dir: Path | None, data_root: Path | None) -> None:
+    """The table (stdout, or stderr when stdout holds --json/--csv), the next-step note, and the
+    machine outputs."""
+    ranking_table.print_ranking(ranking, title, results_console(json_out, csv_out))
+    line = ranking_table.next_step(ranking, zoo_dir, data_root, json_out)
+    if line is not None:
+        note(line)
+    write_json(ranking.to_json(), json_out)
+    write_csv(ranking, csv_out)
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples(
+    "ddscore-jax convert ~/models/ --zoo zoo/              # every checkpoint in a folder",
+    "ddscore-jax convert resnet18.pth --zoo zoo/ --name r18",
+    "ddscore-jax convert ~/hf/resnet-50/ --zoo zoo/        # a hub model folder"))
 def convert(
     sources: Annotated[list[Path], typer.Argument(
         help="Checkpoints: .safetensors, .pth, .pt, .bin, .pth.tar, .ckpt, .onnx files, model "
-             "folders (config.json + weights, as save_pretrained or hf download write them), or "
-             "folders of these.")],
-    zoo_dir: Annotated[Path, typer.Option("--zoo", help="Zoo folder (created if missing).")],
+             "folders (config.json + weights, as save_pretrained or hf download write them), "
+             "folders of these, or the Hugging Face cache: its root, a models--org--name folder, "
+             "or a repo id org/name.")],
+    zoo_dir: Annotated[Path, typer.Option("--zoo", metavar="ZOO",
+                                          help="Zoo folder (created if missing).")],
     name: Annotated[str | None, typer.Option(
+        metavar="NAME",
         help="Name in the zoo (only with a single source); default: the file's stem or the "
              "model folder's name.")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -112,17 +119,19 @@ def convert(
             e.add_note(f"nothing was added to {zoo_dir}")
         raise
     for n in result.written:
-        console.print(f"added [bold]{n}[/bold] to {zoo_dir}")
+        note(f"added {n} to {zoo_dir}")
     for n in result.unchanged:
-        console.print(f"{n}: already in {zoo_dir}, unchanged")
+        note(f"{n}: already in {zoo_dir}, unchanged")
+    for line in result.skipped:
+        print(f"skipped: {line}", file=sys.stderr)  # plain print: it names a user's path
     for line in result.refused:
-        # Plain print: a refusal names a user's path, which rich would read as markup.
         print(f"error: {line}", file=sys.stderr)
     if result.refused:
         raise typer.Exit(2)
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples(
+    "ddscore-jax extract zoo/ data/ --out feats/ && ddscore-jax score feats/"))
 def extract(
     zoo_dir: ZooArg,
     data_root: DataArg,
@@ -143,30 +152,38 @@ def extract(
                               image_size=image_size, dtype=dtype, workers=workers, engine=engine,
                               progress=bars)
     for path in written:
-        console.print(f"wrote {path}")
+        note(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples(
+    "ddscore-jax score feats/ --csv ranking.csv",
+    "ddscore-jax score feats/ --json - | jq '.models[0].name'"))
 def score(
     feats: Annotated[Path, typer.Argument(help="Folder of <model>.npz files from `extract`.")],
     train_fraction: FractionOpt = _S.train_fraction,
     seed: SeedOpt = _S.seed,
     metric: MetricOpt = list(_S.metrics),  # noqa: B006, B008 - Typer reads it, never mutates it
+    resamples: ResamplesOpt = _S.resamples,
     json_out: JsonOpt = None,
+    csv_out: CsvOpt = None,
 ) -> None:
     """D-deepscore of every feature file in FEATS, ranked."""
     from ddscore_jax import api
 
-    refuse_clobber(json_out, feats)
-    check_json(json_out)
+    for dest in (json_out, csv_out):
+        refuse_clobber(dest, feats)
+        check_json(dest)
     with Bars() as bars:
         ranking = api.score(feats, train_fraction=train_fraction, seed=seed,
-                            metrics=split(metric), progress=bars)
-    _print_ranking(ranking, f"D-deepscore of {feats}")
-    write_json(ranking.to_json(), json_out)
+                            metrics=split(metric), progress=bars, resamples=resamples)
+    _show(ranking, f"D-deepscore of {feats}", json_out, csv_out, None, None)
 
 
-@app.command()
+@app.command(cls=Command, epilog=examples(
+    "ddscore-jax rank zoo/ data/ > ranking.txt               # the table alone on stdout",
+    "ddscore-jax rank zoo/ data/ --json ranking.json --figure ranking.png",
+    "ddscore-jax rank zoo/ data/ --csv - --quiet > ranking.csv",
+    "ddscore-jax rank zoo/ data/train --metric ddscore,logme --resamples 1000"))
 def rank(
     zoo_dir: ZooArg,
     data_root: DataArg,
@@ -185,32 +202,37 @@ def rank(
     figure: Annotated[Path | None, typer.Option(
         "--figure", metavar="PATH", help="Also draw the ranking (.png, .svg or .pdf): intervals, "
         "the leader's group, and how the metrics' rankings agree.")] = None,
+    resamples: ResamplesOpt = _S.resamples,
+    csv_out: CsvOpt = None,
 ) -> None:
     """Rank every zoo model for DATA: extract (or reuse cached) features, score, print."""
     from ddscore_jax import api
     from ddscore_jax.figure import check_path, plot_ranking
 
-    refuse_clobber(json_out, zoo_dir, data_root, *([cache_dir] if cache_dir else []))
-    refuse_clobber(figure, zoo_dir, data_root, *([cache_dir] if cache_dir else []))
+    inputs = (zoo_dir, data_root, *([cache_dir] if cache_dir else []))
+    for dest in (json_out, csv_out, figure):
+        refuse_clobber(dest, *inputs)
     if figure is not None:
         check_path(figure)  # a bad suffix or folder fails before any work
     check_json(json_out)
+    check_json(csv_out)
     with Bars() as bars:
         ranking = api.rank(zoo_dir, data_root, batch_size=batch_size, image_size=image_size,
                            train_fraction=train_fraction, seed=seed, cache_dir=cache_dir,
                            use_cache=not no_cache, dtype=dtype, workers=workers,
-                           metrics=split(metric), engine=engine, progress=bars)
+                           metrics=split(metric), engine=engine, progress=bars,
+                           resamples=resamples)
     if ranking.cached:
-        console.print(f"reused cached features of {len(ranking.cached)} model(s)")
-    _print_ranking(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "
-                            f"{len(ranking.dataset['classes'])} classes")
+        note(f"reused cached features of {len(ranking.cached)} model(s)")
     if figure is not None:
         plot_ranking(ranking, figure, title=f"{data_root}: {ranking.dataset['n_images']} images")
-        print(f"figure: {figure}", file=sys.stderr)  # plain print: a path is not rich markup
-    write_json(ranking.to_json(), json_out)
+        note(f"figure: {figure}")
+    _show(ranking, f"{data_root}: {ranking.dataset['n_images']} images, "
+                   f"{len(ranking.dataset['classes'])} classes", json_out, csv_out, zoo_dir,
+          data_root)
 
 
-@zoo_app.command("list")
+@zoo_app.command("list", cls=Command)
 def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
     """The models in a zoo: name, architecture, source file, sha256."""
     from dataclasses import asdict
@@ -220,16 +242,18 @@ def zoo_list(zoo_dir: ZooArg, json_out: JsonOpt = None) -> None:
 
     refuse_clobber(json_out, zoo_dir)
     entries = zoo.read(zoo_dir)
-    table = Table(title=f"{zoo_dir}: {len(entries)} model(s)")
+    table = Table()
     for col in ("name", "arch", "source", "format", "sha256"):
         table.add_column(col, overflow="fold")
     for e in entries:
         table.add_row(e.name, e.arch, e.source, e.source_format, e.sha256)
-    console.print(table)
+    shown = results_console(json_out)
+    shown.print(f"{zoo_dir}: {len(entries)} model(s)", soft_wrap=True)
+    shown.print(table)
     write_json({"models": [asdict(e) for e in entries]}, json_out)
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     cache_dir: Annotated[Path | None, typer.Option(
         help="Where the demo zoo and data are built.",
@@ -246,10 +270,9 @@ def demo(
                                                    progress=bars)
         ranking = api.rank(zoo_dir, data_root, image_size=demo_lib.DEMO_IMAGE_SIZE,
                            cache_dir=Path(zoo_dir).parent / "features", progress=bars)
-    console.print(f"demo zoo: {zoo_dir}\ndemo data: {data_root}")
-    _print_ranking(ranking, f"demo: {ranking.dataset['n_images']} images of "
-                            f"{', '.join(ranking.dataset['classes'])}")
-    write_json(ranking.to_json(), json_out)
+    note(f"demo zoo: {zoo_dir}\ndemo data: {data_root}")
+    _show(ranking, f"demo: {ranking.dataset['n_images']} images of "
+                   f"{', '.join(ranking.dataset['classes'])}", json_out, None, zoo_dir, data_root)
 
 
 trust.register(app)  # finetune, evaluate
@@ -257,7 +280,8 @@ trust.register(app)  # finetune, evaluate
 
 def main() -> None:
     """Console entry point (exit codes: :func:`ddscore_jax.cli._common.run`)."""
-    run(app)
+    # The name in usage lines, also under `python -m ddscore_jax.cli`.
+    run(lambda: app(prog_name="ddscore-jax"))
 
 
 if __name__ == "__main__":

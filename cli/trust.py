@@ -14,24 +14,42 @@ from rich.table import Table
 from rich.text import Text
 
 from ddscore_jax import evaluation as ev
-from ddscore_jax import finetuning as ft
-from ddscore_jax import zoo
-from ddscore_jax.cli._common import Bars, JsonOpt, console, write_json
+from ddscore_jax.cli._common import (
+    Bars,
+    Command,
+    JsonOpt,
+    check_json,
+    examples,
+    note,
+    results_console,
+    write_json,
+)
 from ddscore_jax.errors import InputError
-from ddscore_jax.train import Optimizer, Schedule
+from ddscore_jax.settings import FinetuneSettings, Optimizer, Schedule
 
-_D, _EV = ft.Settings, ev.Settings  # every option default is read from these
+_D, _EV = FinetuneSettings, ev.Settings  # every option default is read from these
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``finetune`` and ``evaluate`` commands to ``app``."""
-    app.command()(finetune)
-    app.command()(evaluate)
+    app.command(cls=Command, epilog=examples(
+        "ddscore-jax finetune zoo/ data/ --out finetuned.json",
+        "ddscore-jax finetune zoo/ data/ --out finetuned.json --models a,b --seeds 3",
+        "ddscore-jax rank zoo/ data/train --json ranking.json &&",
+        "  ddscore-jax finetune zoo/ data/ --out finetuned.json --top 1 --ranking ranking.json"
+    ))(finetune)
+    app.command(cls=Command, epilog=examples(
+        "ddscore-jax rank zoo/ data/train --json ranking.json",
+        "ddscore-jax finetune zoo/ data/ --out finetuned.json --seeds 3",
+        "ddscore-jax evaluate ranking.json finetuned.json --figure vs.png"))(evaluate)
+
 
 
 def finetune(
-    zoo_dir: Annotated[Path, typer.Argument(help="Model zoo folder (made by `convert`).")],
+    zoo_dir: Annotated[Path, typer.Argument(metavar="ZOO",
+                                            help="Model zoo folder (made by `convert`).")],
     data_root: Annotated[Path, typer.Argument(
+        metavar="DATA",
         help="Data set with train/, valid/ and best test/ inside: every model is fine-tuned on "
              "train/, its learning rate chosen on valid/ and its accuracy measured on test/ "
              "(without test/, valid/ is halved per class with a fixed seed; score DATA/train "
@@ -40,12 +58,14 @@ def finetune(
         "--out", help="Results file (JSON). Models already in it with the same checkpoint, data "
                       "and settings are skipped, so an interrupted run resumes.")],
     image_size: Annotated[int, typer.Option(
+        metavar="SIZE",
         help="Images are resized to SIZE x SIZE (small by default: fine-tuning a zoo on a CPU "
              "at 224 takes hours).")] = _D.image_size,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = _D.batch_size,
     epochs: Annotated[float, typer.Option(help="Passes over DATA/train.")] = _D.epochs,
     optimizer: Annotated[Optimizer, typer.Option(help="sgd is with momentum.")] = _D.optimizer,
     learning_rate: Annotated[list[float] | None, typer.Option(
+        metavar="LR",
         help="Peak learning rate of the grid (repeat the option for several); each model's "
              "accuracy is that of its best rate.",
         show_default=", ".join(map(str, _D.learning_rates)))] = None,
@@ -76,20 +96,25 @@ def finetune(
 ) -> None:
     """Fine-tune every zoo model (or those chosen) on DATA/train, choose its rate on the
     selection split and record its accuracy on the test split."""
+    from ddscore_jax import finetuning as ft
+
     chosen = _chosen(zoo_dir, models, top, ranking)
     grid = tuple(learning_rate) if learning_rate else _D.learning_rates
     settings = ft.Settings(image_size=image_size, batch_size=batch_size, epochs=epochs,
                            optimizer=optimizer, learning_rates=grid, momentum=momentum,
                            weight_decay=weight_decay, schedule=schedule, clip_norm=clip_norm,
                            flip=flip, seeds=seeds, seed=seed)
+    check_json(json_out)
     with Bars() as bars:
         doc = ft.finetune(zoo_dir, data_root, out, settings, progress=bars, models=chosen)
+    # Titles and captions naming a path print on lines of their own: in a table they wrap mid-path.
     selection = doc["dataset"].get("selection")
-    table = Table(title=Text(f"{data_root}: test accuracy after fine-tuning "
-                             f"({doc['dataset']['held_out']['n_images']} test images"
-                             + ("" if selection is None else
-                                f", the rate chosen on {selection['n_images']} others") + ")"),
-                  caption=Text(f"{doc['dataset'].get('layout', '')}; results: {out}"))
+    title = (f"{data_root}: test accuracy after fine-tuning "
+             f"({doc['dataset']['held_out']['n_images']} test images"
+             + ("" if selection is None else
+                f", the rate chosen on {selection['n_images']} others") + "; "
+             + doc["dataset"].get("layout", "") + ")")
+    table = Table()
     for col, justify in (("model", "left"), ("test accuracy", "right"), ("sd", "right"),
                          ("selection acc.", "right"),
                          ("best lr", "right"), ("layer4", "left"), ("train loss", "right"),
@@ -102,10 +127,13 @@ def finetune(
                       "n/a" if chose is None else f"{chose:.4f}",
                       f"{m.get('best_learning_rate', float('nan')):g}", m["layer4"],
                       f"{m['final_train_loss']:.4f}", f"{m['seconds']:.1f}")
-    console.print(table)
+    shown = results_console(json_out)
+    shown.print(title, soft_wrap=True)
+    shown.print(table)
+    shown.print(f"results: {out}", soft_wrap=True)
     if any(m["layer4"] == "fresh" for m in doc["models"]):
-        console.print("layer4 'fresh': the checkpoint has no layer4, so it was initialised "
-                      "from the seed and trained from scratch")
+        note("layer4 'fresh': the checkpoint has no layer4, so it was initialised from the seed "
+             "and trained from scratch")
     write_json(doc, json_out)
 
 
@@ -113,7 +141,8 @@ def _chosen(zoo_dir: Path, models: str | None, top: int | None,
             ranking: Path | None) -> list[str] | None:
     """The models --models or --top/--ranking name (None: the whole zoo); InputError for a bad
     combination, an unknown name or a ranking of another zoo."""
-    from ddscore_jax import shortlist
+    from ddscore_jax import finetuning as ft
+    from ddscore_jax import shortlist, zoo
 
     if models is not None and (top is not None or ranking is not None):
         raise InputError("--models and --top/--ranking choose the models two ways; give one")
@@ -155,6 +184,7 @@ def evaluate(
     against accuracy (error bars: the seeds' spread).
     """
     settings = ev.Settings(bootstrap=bootstrap).check()
+    check_json(json_out)
     groups = ev.group_files(files)
     summary = ev.evaluate_targets(groups, n_boot=settings.bootstrap, seed=settings.seed)
     stat_names = ("tau_w", "Kendall tau", "Pearson", *(f"rel@{k}" for k in ev.REL_AT))
@@ -170,9 +200,8 @@ def evaluate(
 
     for (_, accuracies), result in zip(groups, summary.targets, strict=True):
         seeds = sorted({k for m in result.metrics for k in m.seeds})
-        table = Table(title=f"target {result.target}: rankings against fine-tuned accuracy "
-                            f"({accuracies})",
-                      caption=f"95% bootstrap intervals over {'/'.join(map(str, seeds))} "
+        title = f"target {result.target}: rankings against fine-tuned accuracy ({accuracies})"
+        table = Table(caption=f"95% bootstrap intervals over {'/'.join(map(str, seeds))} "
                               f"fine-tuning seed(s) per model ({result.resampled} resampled); "
                               "null: random rankings"
                       if max(seeds) > 1 or result.resampled != "seeds" else
@@ -192,12 +221,14 @@ def evaluate(
                           *(fmt(null[k]["mean"], tuple(null[k]["interval"])
                                 if null[k]["interval"] and null[k]["interval"][0] is not None
                                 else None, not k.startswith("rel@")) for k in ev.STATISTICS))
-        console.print(table)
+        shown = results_console(json_out)
+        shown.print(title, soft_wrap=True)
+        shown.print(table)
         for a, b in result.better:
-            console.print(f"  {ev.label(a)} ranks better than {ev.label(b)} (tau_w, 95% "
-                          "interval of the difference above 0)")
+            shown.print(f"  {ev.label(a)} ranks better than {ev.label(b)} (tau_w, 95% "
+                        "interval of the difference above 0)")
         for metric, names in result.dropped.items():
-            console.print(f"{ev.label(metric)}: no accuracy for {', '.join(names)} (left out)")
+            note(f"{ev.label(metric)}: no accuracy for {', '.join(names)} (left out)")
     if len(summary.targets) > 1:
         table = Table(title=f"mean over {len(summary.targets)} targets",
                       caption="95% bootstrap intervals over targets and seeds"
@@ -210,9 +241,10 @@ def evaluate(
         for metric, values in summary.mean.items():
             table.add_row(ev.label(metric),
                           *(fmt(*values[k], not k.startswith("rel@")) for k in ev.STATISTICS))
-        console.print(table)
+        shown = results_console(json_out)
+        shown.print(table)
         for a, b in summary.better:
-            console.print(f"  over the targets, {ev.label(a)} ranks better than {ev.label(b)}")
+            shown.print(f"  over the targets, {ev.label(a)} ranks better than {ev.label(b)}")
     doc = summary.targets[0].to_json() if len(summary.targets) == 1 else summary.to_json()
     doc["settings"] = settings.to_json()
     if not no_figure:
@@ -226,7 +258,7 @@ def evaluate(
                 path = figure / f"{result.target}.png"
             paths.append(str(ev.plot(result, path, title=f"target {result.target}: scores vs "
                                                        f"fine-tuned accuracy")))
-            console.print(f"figure: {paths[-1]}")
+            note(f"figure: {paths[-1]}")
         if len(paths) == 1:
             doc["figure"] = paths[0]
         else:

@@ -33,6 +33,8 @@ class Loaded:
 
     model: ImportedModel
     source_format: str
+    # One warning line: what was left out beside the ResNet, which encoder was taken; or None.
+    note: str | None = None
 
 
 def load_source(path: Path) -> Loaded:
@@ -60,9 +62,10 @@ def load_source(path: Path) -> Loaded:
     read = read_tensors(weights)
     # A config.json speaks for the hub weights beside it, not for any file that shares a folder.
     hf_config = read_config(weights) if weights.name in HUB_WEIGHTS else None
-    model, layout = import_state_dict(read.tensors, str(weights), hf_config)
+    model, layout, note = import_state_dict(read.tensors, str(weights), hf_config)
     transformers = layout == "transformers" or (hf_config or {}).get("model_type") == "timm_wrapper"
-    return _checked(Loaded(model, "hf-transformers" if transformers else read.container), path)
+    return _checked(Loaded(model, "hf-transformers" if transformers else read.container, note),
+                    path)
 
 
 def _checked(loaded: Loaded, path: Path) -> Loaded:

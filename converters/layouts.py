@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ddscore_jax.converters import encoders
 from ddscore_jax.errors import InputError
 
 Layout = Literal["torchvision", "transformers"]
@@ -48,17 +49,28 @@ class Found:
 
     layout: Layout
     prefix: str
+    # Where the saving project's convention picked one of two encoders (:mod:`.encoders`): the
+    # prefixes of the others, and the reason, for the warning.
+    dropped: tuple[str, ...] = ()
+    chose: str | None = None
+    aliases: tuple[str, ...] = ()  # the same ResNet under other names (its tensors equal)
 
 
 def find_resnet(tensors: Mapping[str, Any], source: str) -> Found:
     """The one ResNet in ``tensors``. InputError naming ``source`` when there is none (saying
-    what the network is where it can tell) or more than one (naming each prefix)."""
+    what the network is where it can tell) or more than one (naming each prefix), unless the
+    prefixes are a self-supervised project's pair of encoders (:func:`.encoders.choose`)."""
     found = [Found("torchvision", p) for p in _prefixes(tensors, _TV_BLOCK)
              if any(p + stem in tensors for stem in _TV_STEMS)]
     found += [Found("transformers", p) for p in _prefixes(tensors, _HF_BLOCK)
               if p + _HF_STEM in tensors]
     if len(found) == 1:
         return found[0]
+    if found and {f.layout for f in found} == {"torchvision"}:
+        choice = encoders.choose([f.prefix for f in found], tensors)
+        if choice is not None:
+            return Found("torchvision", choice.prefix, choice.dropped, choice.note,
+                         choice.aliases)
     if found:
         names = " and ".join(f"'{f.prefix}'" if f.prefix else "the top level" for f in found)
         raise InputError(f"{source}: {len(found)} ResNets in one file, under {names}: save the "

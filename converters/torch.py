@@ -2,16 +2,18 @@
 ``.ckpt``) -> their tensors as one flat mapping, never executing pickled code.
 
 Every file is loaded with ``torch.load(weights_only=True)``: torch's restricted unpickler builds
-tensors, dicts, lists and plain values and refuses any other object. Two kinds of file it would
-refuse with a misleading message are recognised first, from their zip entries, and refused with
-what they are and how to re-save them: TorchScript archives (``torch.jit.save``: code and
-constants inside) and whole pickled modules (``torch.save(model)``).
+tensors, dicts, lists and plain values and refuses any other object (``argparse.Namespace``
+aside: an attribute holder that training scripts save as ``args``, built without running code).
+Two kinds of file it would refuse with a misleading message are recognised first, from their
+zip entries, and refused with what they are and how to re-save them: TorchScript archives
+(``torch.jit.save``: code and constants inside) and whole pickled modules (``torch.save(model)``).
 
 torch is imported here and nowhere else on the JAX path (it is the ``torch`` extra).
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import pickletools
 import zipfile
@@ -43,7 +45,11 @@ def read_torch(path: Path) -> tuple[dict[str, Any], str]:
     _refuse_code_archives(path)
     check_zip_sizes(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        # argparse.Namespace, which DINO (and other training scripts) save as 'args' beside the
+        # weights, is a plain attribute holder: built without running code, as a dict would be.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise InputError(f"{path}: {_unsafe_reason(path, torch)}") from None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import html
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 
 from ddscore_jax import cache, data, interrupts, ort_engine, resample, zoo
-from ddscore_jax.atomic import atomic_path
+from ddscore_jax.atomic import atomic_path, check_writable, make_folder, refused
 from ddscore_jax.ddscore import ModelScore, precision_for, train_indices
 from ddscore_jax.errors import InputError, readable
 from ddscore_jax.forward import (
@@ -49,8 +51,8 @@ class Ranking:
     settings: dict
     cached: list[str] = field(default_factory=list)  # models whose features came from the cache
     refused: list[str] = field(default_factory=list)  # models not ranked: non-finite features
-    # rank only: the zoo folder and each model's checkpoint sha256, so that a saved ranking can
-    # be checked against the zoo it is used with (finetune --top; ddscore_jax.shortlist).
+    # The zoo folder (rank only) and each model's checkpoint sha256, so that a saved ranking
+    # can be checked against the zoo it is used with (finetune --top, shortlist, evaluate).
     zoo: dict | None = None
 
     @property
@@ -199,7 +201,23 @@ def load_zoo(zoo_dir: str | os.PathLike) -> tuple[list[zoo.ZooEntry], list[Loade
 def _output_folder(folder: str | os.PathLike) -> None:
     """Create an output folder before any work: a read-only, full or forbidden location, or a
     file in the way, fails now (an OSError the CLI reports in one line), not after extraction."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
+
+
+def _cache_refusal(folder: Path) -> OSError | None:
+    """The OSError of a feature cache location that refuses writes (a read-only mount, a
+    forbidden folder), or None when features can be cached there (the folder is created). Any
+    other OSError (a file in the way, a full disk) is raised: that one is the user's to fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        # ENOENT where the parent exists: a folder that takes no new entry (/proc).
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) or refused(folder, e):
+            return e
+        raise
+    return None
 
 
 def _check_subset(labels: np.ndarray, classes: Sequence[str], train_fraction: float, seed: int,
@@ -247,6 +265,8 @@ def extract(zoo_dir: str | os.PathLike, data_root: str | os.PathLike, out: str |
     """Write ``out/<model>.npz`` (docs/interface.md) for every zoo model; return the files.
     ``progress=True`` draws progress bars on stderr."""
     ExtractSettings(batch_size, image_size, dtype, workers, engine).check()
+    # Each file records the engine that ran ("auto" is onnxruntime on some machines).
+    engine = ort_engine.resolve(engine, jax.default_backend(), dtype, jax.device_count())
     with bars(progress) as progress:
         return _extract(zoo_dir, data_root, out, batch_size, image_size, dtype, workers,
                         progress, engine)
@@ -256,16 +276,54 @@ def _extract(zoo_dir, data_root, out, batch_size, image_size, dtype, workers, pr
              engine) -> list[Path]:
     _output_folder(out)
     dataset = data.scan(data_root)
-    _, models = load_zoo(zoo_dir)
+    entries, models = load_zoo(zoo_dir)
+    check_writable(Path(out) / f"{models[0].name}.npz")  # /proc takes a folder but no file
+    fingerprint = cache.dataset_fingerprint(dataset)
+    made_from = [cache.feature_settings(zoo_dir, e, fingerprint, image_size, dtype, engine)
+                 for e in entries]
     cache.enable_compilation_cache()
     feats = extract_features(models, dataset, batch_size=batch_size, image_size=image_size,
                              dtype=dtype, workers=workers, progress=progress, engine=engine)
     written = []
-    for m, f in zip(models, feats, strict=True):
+    for m, f, settings in zip(models, feats, made_from, strict=True):
         path = Path(out) / f"{m.name}.npz"
-        save_features(path, f, dataset)
+        save_features(path, f, dataset, settings)
         written.append(path)
     return written
+
+
+# What a feature file's record says it was made from, as ``score`` names a difference; the
+# model and its checkpoint differ from file to file by design.
+_MIXABLE = ("model_sha256", "checkpoint")
+_SETTING_NAMES = {"image_size": "--image-size", "dtype": "--dtype", "engine": "--engine",
+                  "version": "feature version (of the ddscore-jax that extracted them)",
+                  "data": "data set (image names, labels, sizes or modification times)"}
+
+
+def _check_one_origin(loaded, files: Sequence[Path]) -> None:
+    """InputError unless every feature file records the same data set and settings (model and
+    checkpoint aside): one line naming two files and the first setting they differ in. A file
+    without a record (an older ddscore-jax wrote it) is refused: nothing says what it holds."""
+    for f, path in zip(loaded, files, strict=True):
+        if f.settings is None:
+            raise InputError(f"{path}: feature file carries no record of what it was made from "
+                             "(an older ddscore-jax wrote it); extract it again with "
+                             "`ddscore-jax extract`")
+    first, first_path = loaded[0], files[0]
+    for f, path in zip(loaded[1:], files[1:], strict=True):
+        keys = sorted({*first.settings, *f.settings} - set(_MIXABLE))
+        for key in sorted(keys, key=lambda k: (k == "data", k)):  # the named option first
+            a, b = first.settings.get(key), f.settings.get(key)
+            if a != b:
+                what = _SETTING_NAMES.get(key, key)
+                shown = "" if key == "data" else f": {a} and {b}"
+                raise InputError(f"{first_path} and {path}: features made with a different "
+                                 f"{what}{shown}; extract every model with one setting on one "
+                                 "data set into its own folder")
+        for array in ("labels", "paths", "classes"):
+            if not np.array_equal(getattr(f, array), getattr(first, array)):
+                raise InputError(f"{first_path} and {path}: features of different data sets "
+                                 f"(their {array} differ)")
 
 
 def score(feats_dir: str | os.PathLike, *, train_fraction: float = _S.train_fraction,
@@ -297,10 +355,8 @@ def _score_files(feats_dir, settings: ScoreSettings, precision, progress) -> Ran
     if not files:
         raise InputError(f"{feats_dir}: no feature files (*.npz)")
     loaded = [load_features(f) for f in files]
+    _check_one_origin(loaded, files)
     first = loaded[0]
-    for f, path in zip(loaded[1:], files[1:], strict=True):
-        if not (np.array_equal(f.labels, first.labels) and np.array_equal(f.paths, first.paths)):
-            raise InputError(f"{path}: features are of another data set than {files[0].name}")
     precision = precision or precision_for()
     _check_subset(first.labels, [str(c) for c in first.classes], train_fraction, seed,
                   str(feats_dir))
@@ -311,7 +367,9 @@ def _score_files(feats_dir, settings: ScoreSettings, precision, progress) -> Ran
     _warn_if_all_tie(ranked, len(first.labels))
     dataset = {"root": str(feats_dir), "n_images": int(len(first.labels)),
                "classes": [str(c) for c in first.classes]}
-    return Ranking(ranked, dataset, settings_json(settings, precision), refused=refused)
+    return Ranking(ranked, dataset, settings_json(settings, precision), refused=refused,
+                   # The feature files' records name each model's checkpoint (no zoo root).
+                   zoo={"sha256": {f.name: f.settings["model_sha256"] for f in loaded}})
 
 
 def _score(features, labels, train_fraction, seed, precision, where, metrics=("ddscore",),
@@ -378,8 +436,12 @@ def _rank(zoo_dir, data_root, scoring: ScoreSettings, forward: ExtractSettings, 
     _check_subset(dataset.labels, dataset.classes, train_fraction, seed, str(data_root))
     entries = zoo.read_nonempty(zoo_dir)
     cache_dir = Path(cache_dir) if cache_dir else cache.cache_root() / "features"
-    if use_cache:
-        _output_folder(cache_dir)
+    refusal = _cache_refusal(cache_dir) if use_cache else None
+    if refusal is not None:  # the ranking does not need the cache: rank without it
+        log.warning("%s: cannot write the feature cache (%s); ranking without it (nothing is "
+                    "read from or saved to it)", readable(str(cache_dir)),
+                    os.strerror(refusal.errno).lower())
+        use_cache = False
     # The fingerprint stats every image: only a cached rank needs it.
     fingerprint = cache.dataset_fingerprint(dataset) if use_cache else ""
     n = len(dataset)

@@ -9,6 +9,7 @@ does nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,6 +20,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ddscore_jax.errors import InputError, readable
 
 
 def _read_umask() -> int:
@@ -53,6 +56,54 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def refused(path: str | os.PathLike, e: OSError) -> InputError | None:
+    """The user's line for creating ``path`` (a file or folder) when the system said ENOENT: a
+    folder that exists and still refuses new entries (``/proc``, ``/sys``, some FUSE mounts), or
+    one that does not exist. None for other errors (:func:`ddscore_jax.errors.
+    environment_message` explains those)."""
+    if e.errno != errno.ENOENT:
+        return None
+    path = Path(path)
+    existing = path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return None
+    where = readable(str(path))
+    if existing == path.parent or path.parent.is_dir():
+        return InputError(f"{where}: cannot be created: folder {readable(str(existing))} refuses "
+                          "new files (choose another location)")
+    return InputError(f"{where}: cannot be created: folder {readable(str(path.parent))} does "
+                      "not exist")
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; a location that refuses new folders is the user's InputError (other
+    OSErrors go on to the CLI's one-line environment report)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as e:
+        raise (refused(path, e) or e) from None
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, before any work, when ``path``'s folder cannot take a new file: create a
+    temporary there and remove it. InputError or the OSError, naming ``path``."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        err = refused(path, e)
+        if err is not None:
+            raise err from None
+        e.filename = str(path.parent)
+        raise
+    os.close(fd)
+    os.unlink(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, step: str = "file") -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; when the block succeeds it is flushed to disk
@@ -66,6 +117,9 @@ def atomic_path(path: str | os.PathLike, *, step: str = "file") -> Iterator[Path
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
+        err = refused(path, e)
+        if err is not None:
+            raise err from None
         e.filename = str(path.parent)  # the folder refused the file (read-only, full, forbidden)
         raise
     os.close(fd)

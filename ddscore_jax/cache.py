@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -98,6 +99,44 @@ def entry_path(cache_dir: Path, model_sha256: str, data_fingerprint: str, image_
     return cache_dir / f"{key}.npz"
 
 
+def feature_settings(zoo_dir: str | os.PathLike, model, data_fingerprint: str, image_size: int,
+                     dtype: str = "float32", engine: str = "jax") -> dict:
+    """What one model's features are made from: the record a cache entry and an ``extract``
+    feature file carry (``RECORD``). ``model`` is a ``zoo.ZooEntry`` of ``zoo_dir``; ``engine`` the
+    resolved one (``ort_engine.resolve``), not "auto"."""
+    if engine == "auto":
+        raise ValueError("record the engine that runs, not 'auto'")
+    return {"version": FEATURES_VERSION, "model_sha256": model.sha256,
+            "checkpoint": checkpoint_fingerprint(zoo_dir, model.checkpoint),
+            "data": data_fingerprint, "image_size": image_size, "dtype": dtype, "engine": engine}
+
+
+# The array of a feature file (cache entry or ``extract`` output) holding its record: the
+# settings above and a SHA-256 of its other arrays, as JSON.
+RECORD = "cache_meta"
+
+
+def write_features(path: Path, features: Mapping[str, np.ndarray], dataset: data.Dataset,
+                   settings: dict, *, step: str = "features") -> None:
+    """Write a feature file atomically (docs/interface.md): the blocks' features, ``labels``,
+    ``paths``, ``classes`` and the record of ``settings`` (:func:`feature_settings`)."""
+    arrays = {b: np.asarray(v, np.float32) for b, v in features.items()}
+    arrays["labels"] = np.asarray(dataset.labels, np.int64)
+    arrays["paths"] = np.array(dataset.paths, dtype=str)
+    arrays["classes"] = np.array(dataset.classes, dtype=str)
+    record = {"settings": settings, "content_sha256": content_hash(arrays)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, step=step) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays, **{RECORD: np.array(json.dumps(record, sort_keys=True))})
+
+
+def read_record(arrays: dict[str, np.ndarray]) -> tuple[dict, str]:
+    """Pop the record from a feature file's arrays: ``(settings, content_sha256)``. KeyError when
+    it has none (written by a ddscore-jax before records), ValueError when it is not JSON."""
+    record = json.loads(str(arrays.pop(RECORD)))
+    return record["settings"], record["content_sha256"]
+
+
 LOCKS = ".locks"  # the entries' lock files, kept apart from the entries
 _KEY = re.compile(r"^\.?([0-9a-f]{32})\.")
 
@@ -135,14 +174,9 @@ class Entry:
         """The entry of ``model`` (a ``zoo.ZooEntry`` of ``zoo_dir``) on the data set with
         ``data_fingerprint`` (:func:`dataset_fingerprint`) at these settings; ``engine`` is the
         resolved one (``ort_engine.resolve``), not "auto"."""
-        if engine == "auto":
-            raise ValueError("key the cache by the engine that runs, not 'auto'")
-        checkpoint = checkpoint_fingerprint(zoo_dir, model.checkpoint)
-        settings = {"version": FEATURES_VERSION, "model_sha256": model.sha256,
-                    "checkpoint": checkpoint, "data": data_fingerprint,
-                    "image_size": image_size, "dtype": dtype, "engine": engine}
+        settings = feature_settings(zoo_dir, model, data_fingerprint, image_size, dtype, engine)
         return cls(entry_path(Path(cache_dir), model.sha256, data_fingerprint, image_size, dtype,
-                              checkpoint, engine), settings)
+                              settings["checkpoint"], engine), settings)
 
     @property
     def partial(self) -> PartialFeatures:
@@ -172,8 +206,7 @@ class Entry:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            record = json.loads(str(arrays.pop("cache_meta")))
-            recorded, digest = record["settings"], record["content_sha256"]
+            recorded, digest = read_record(arrays)
         except KeyError:
             return "carry no record of what they were made from"
         except Exception as e:  # noqa: BLE001 - zipfile/numpy/json raise many types
@@ -189,15 +222,8 @@ class Entry:
         return {b: arrays[b] for b in blocks}
 
     def save(self, features: Mapping[str, np.ndarray], dataset: data.Dataset) -> None:
-        """Write the entry atomically, as a feature file (``extract``'s format) plus its record."""
-        arrays = {b: np.asarray(v, np.float32) for b, v in features.items()}
-        arrays["labels"] = np.asarray(dataset.labels, np.int64)
-        arrays["paths"] = np.array(dataset.paths, dtype=str)
-        arrays["classes"] = np.array(dataset.classes, dtype=str)
-        record = {"settings": self.settings, "content_sha256": content_hash(arrays)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path, step="cache-entry") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays, cache_meta=np.array(json.dumps(record, sort_keys=True)))
+        """Write the entry atomically: a feature file (``extract``'s format, record included)."""
+        write_features(self.path, features, dataset, self.settings, step="cache-entry")
 
     @staticmethod
     @contextmanager
@@ -364,6 +390,8 @@ def enable_compilation_cache(folder: Path | None = None) -> Path | None:
     folder = Path(folder) if folder else cache_root() / "jax"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # a read-only mount still lets mkdir succeed
+            pass
     except OSError:
         return None  # an unwritable cache folder costs compile time, never the run
     jax.config.update("jax_compilation_cache_dir", str(folder))

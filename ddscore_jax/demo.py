@@ -176,7 +176,7 @@ def _claim(cache_dir: Path) -> None:
     if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())):
         raise InputError(f"{cache_dir}: not a ddscore-jax demo cache and not empty; "
                          "give a new or empty folder for the demo")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic.make_folder(cache_dir)
     (cache_dir / OWNER).write_text("ddscore-jax demo cache: zoo/ and target/ are rebuilt here\n")
 
 

@@ -57,8 +57,8 @@ def environment_message(e: OSError) -> str | None:
     return f"{readable(path)}: {what} ({remedy})"
 
 
-_LOCATION_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                    errno.ENOTDIR}
+_LOCATION_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                    errno.EPERM, errno.ENOTDIR}
 
 
 def readable(name: str) -> str:

@@ -55,6 +55,8 @@ import numpy as np
 from ddscore_jax.atomic import atomic_path
 from ddscore_jax.errors import InputError
 
+# finetuning.RESULTS_KIND (not imported from there: that would load Flax for `evaluate`).
+RESULTS_KIND = "ddscore-jax finetune results"
 REL_AT = (1, 3)
 DEFAULT_METRIC = "ddscore"
 CONFIDENCE = 0.95
@@ -163,6 +165,13 @@ def _number(value: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _numeric_or_null(path: Path, name: str, what: str, value: object) -> None:
+    # null is how `rank` writes a metric a model cannot have (LEEP without a classifier); any
+    # other non-number (a string, NaN, an infinity) was not written by ddscore-jax.
+    if value is not None and _number(value) is None:
+        raise InputError(f"{path}: model {name!r} has a non-numeric {what} ({value!r})")
+
+
 def read_scores(path: str | os.PathLike) -> tuple[list[MetricScores], dict]:
     """The metrics of a ``rank --json`` / ``score --json`` file, and its ``dataset`` block.
 
@@ -177,6 +186,8 @@ def read_scores(path: str | os.PathLike) -> tuple[list[MetricScores], dict]:
     if not isinstance(models, list) or not models:
         raise InputError(f"{path}: not a scores file (expected a non-empty \"models\" list, as "
                          "`rank --json` writes)")
+    if "dataset" in doc and not isinstance(doc["dataset"], dict):
+        raise InputError(f"{path}: \"dataset\" is not an object (hand-edited?)")
     settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
     # `rank --metric a,b` ranks by (and reports as "score") the first of settings["metrics"].
     named = settings.get("metrics")
@@ -184,14 +195,20 @@ def read_scores(path: str | os.PathLike) -> tuple[list[MetricScores], dict]:
     if not isinstance(main, str):
         main = DEFAULT_METRIC
     found: dict[str, dict[str, float]] = {}
+    seen: set[str] = set()
     for m in models:
         if not isinstance(m, dict) or not isinstance(m.get("name"), str):
             raise InputError(f"{path}: every model needs a \"name\"")
+        if m["name"] in seen:
+            raise InputError(f"{path}: model {m['name']!r} appears twice")
+        seen.add(m["name"])
+        _numeric_or_null(path, m["name"], "score", m.get("score"))
         extra = m.get("metrics", m.get("scores"))
         if isinstance(extra, dict):
             for metric, value in extra.items():
                 if isinstance(value, dict):  # {"score": x, "block_scores": {...}} per metric
                     value = value.get("score")
+                _numeric_or_null(path, m["name"], f"{metric} score", value)
                 if _number(value) is not None:
                     found.setdefault(str(metric), {})[m["name"]] = _number(value)
         if _number(m.get("score")) is not None and not (isinstance(extra, dict) and main in extra):
@@ -202,8 +219,21 @@ def read_scores(path: str | os.PathLike) -> tuple[list[MetricScores], dict]:
     return [MetricScores(k, v, str(path)) for k, v in found.items()], dataset
 
 
-def _seed_values(entry: dict) -> list[float] | None:
-    """A model's held-out accuracy per fine-tuning seed, wherever a results file keeps them."""
+def _seed_values(entry: dict, path: Path | None = None) -> list[float] | None:
+    """A model's held-out accuracy per fine-tuning seed, wherever a results file keeps them.
+    With ``path``, an accuracy that is there but not a finite number in [0, 1] is refused."""
+    if path is not None:
+        name = entry.get("name")
+        listed = entry.get("seed_accuracies")
+        values = [*(listed if isinstance(listed, list) else [listed] if listed is not None
+                    else []),
+                  *(entry[k] for k in ("held_out_accuracy", "accuracy") if k in entry)]
+        for v in values:
+            if _number(v) is None:
+                raise InputError(f"{path}: model {name!r} has a non-numeric or non-finite "
+                                 f"accuracy ({v!r})")
+            if not 0.0 <= float(v) <= 1.0:
+                raise InputError(f"{path}: model {name!r} has an accuracy outside [0, 1] ({v!r})")
     # `finetune` writes "seed_accuracies" (numbers; its "seeds" are the seed numbers). Lists of
     # run objects under "seeds" or "runs" are read too; numbers there are not accuracies.
     for key in ("seed_accuracies", "accuracies", "seeds", "runs"):
@@ -231,12 +261,20 @@ def read_seed_accuracies(path: str | os.PathLike) -> tuple[dict[str, np.ndarray]
     doc = _read_json(path)
     acc: dict[str, np.ndarray] = {}
     dataset: dict = {}
+    if isinstance(doc, dict) and doc.get("kind") == RESULTS_KIND and \
+            not isinstance(doc.get("models"), list):
+        raise InputError(f"{path}: not a fine-tuning results file (\"models\" is not a list; "
+                         "hand-edited?)")
     if isinstance(doc, dict) and isinstance(doc.get("models"), list):
-        dataset = doc.get("dataset") if isinstance(doc.get("dataset"), dict) else {}
+        if "dataset" in doc and not isinstance(doc["dataset"], dict):
+            raise InputError(f"{path}: \"dataset\" is not an object (hand-edited?)")
+        dataset = doc.get("dataset", {})
         for m in doc["models"]:
             if not isinstance(m, dict) or not isinstance(m.get("name"), str):
                 raise InputError(f"{path}: every model needs a \"name\"")
-            values = _seed_values(m)
+            if m["name"] in acc:
+                raise InputError(f"{path}: model {m['name']!r} appears twice")
+            values = _seed_values(m, path)
             if values is None:
                 raise InputError(f"{path}: model {m['name']!r} has no numeric accuracy")
             acc[m["name"]] = np.asarray(values, dtype=np.float64)
@@ -289,6 +327,8 @@ def is_accuracies_file(path: str | os.PathLike) -> bool:
     doc = _read_json(Path(path))
     if not isinstance(doc, dict):
         return False
+    if doc.get("kind") == RESULTS_KIND:
+        return True  # whatever its shape: read_seed_accuracies says what is wrong with it
     models = doc.get("models")
     if isinstance(models, list):
         return bool(models) and not any(
@@ -556,6 +596,51 @@ def _check_no_leak(scores_path: str, scored: dict, finetuned: dict) -> None:
                              f"held-out images of the fine-tuning; score DATA/train only")
 
 
+def _check_together(scores_path: Path, scored: dict, results_path: Path, finetuned: dict,
+                    accuracies: Mapping[str, np.ndarray]) -> None:
+    """InputError, naming both files, unless the scores and the fine-tuning results are of one
+    data set, one class list and one zoo: the same models, with the same checkpoints where both
+    files record them. Models the scores refused (non-finite features) may be fine-tuned."""
+    both = f"{scores_path} and {results_path}"
+    doc = _read_json(scores_path)
+    models = [m for m in doc["models"] if isinstance(m, dict)]
+    names = [m["name"] for m in models]
+    refused = doc.get("refused") if isinstance(doc.get("refused"), list) else []
+    classes, tuned_classes = scored.get("classes"), finetuned.get("classes")
+    if isinstance(classes, list) and isinstance(tuned_classes, list) and \
+            classes != tuned_classes:
+        raise InputError(f"{both}: different class lists ({classes} and {tuned_classes})")
+    train = finetuned.get("train") if isinstance(finetuned.get("train"), dict) else {}
+    settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
+    # `rank` names the data folder it scored; `score` names its feature folder, not comparable.
+    if ("image_size" in settings and isinstance(scored.get("root"), str)
+            and isinstance(train.get("root"), str)
+            and not _same_path(scored["root"], train["root"])) or \
+            (isinstance(scored.get("n_images"), int) and isinstance(train.get("n_images"), int)
+             and scored["n_images"] != train["n_images"]):
+        raise InputError(f"{both}: scores and fine-tuning results of different data sets "
+                         f"(scores of {scored.get('root')}, {scored.get('n_images')} images; "
+                         f"fine-tuned on {train.get('root')}, {train.get('n_images')} images)")
+    untuned = [n for n in names if n not in accuracies]
+    unscored = [n for n in accuracies if n not in names and n not in refused]
+    if untuned or unscored:
+        parts = ([f"models scored but not fine-tuned: {', '.join(untuned)}"] if untuned else []) \
+            + ([f"models fine-tuned but not scored: {', '.join(unscored)}"] if unscored else [])
+        raise InputError(f"{both}: {'; '.join(parts)} (scores and results of different zoos?)")
+    tuned = _read_json(results_path)
+    tuned_sha = {m.get("name"): m.get("sha256") for m in tuned.get("models", [])
+                 if isinstance(m, dict)} if isinstance(tuned, dict) and \
+        isinstance(tuned.get("models"), list) else {}
+    zoo = doc.get("zoo") if isinstance(doc.get("zoo"), dict) else {}
+    scored_sha = zoo.get("sha256") if isinstance(zoo.get("sha256"), dict) else {}
+    for m in models:
+        a, b = scored_sha.get(m["name"]), tuned_sha.get(m["name"])
+        if isinstance(a, str) and isinstance(b, str) and a != b:
+            raise InputError(f"{both}: model {m['name']!r} is another checkpoint in each "
+                             f"(sha256 {a[:12]}... and {b[:12]}...): scores and results of "
+                             "different zoos")
+
+
 def _target_name(accuracies_path: str | os.PathLike, dataset: dict) -> str:
     root = dataset.get("root") if isinstance(dataset, dict) else None
     return Path(root).name if isinstance(root, str) and root else Path(accuracies_path).stem
@@ -573,6 +658,7 @@ def evaluate(scores_paths: Sequence[str | os.PathLike],
     for path in scores_paths:
         metrics, scored = read_scores(path)
         _check_no_leak(str(path), scored, finetuned)
+        _check_together(Path(path), scored, Path(accuracies_path), finetuned, accuracies)
         all_metrics += metrics
     # The same metric from two files (two `rank` runs) is told apart by the file's name.
     names = [m.metric for m in all_metrics]

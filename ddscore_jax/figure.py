@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ddscore_jax.atomic import atomic_path
+from ddscore_jax.atomic import atomic_path, check_writable
 from ddscore_jax.errors import InputError
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def check_path(path: str | os.PathLike) -> Path:
         raise InputError(f"{path}: --figure names a folder; give a file path")
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist")
+    check_writable(path)  # a folder that takes no new file (/proc), a read-only disk
     return path
 
 

@@ -28,6 +28,14 @@ Protocol (docs/finetune.md has the reasons):
 Results are a JSON file rewritten atomically after every run (model, learning rate, seed), so an
 interrupted run keeps what it finished, and a run already in the file with the same checkpoint,
 data and settings is not repeated.
+
+Faults. ``kill -9`` or SIGTERM at any moment leaves the old results file or the new one (the write
+is an atomic rename; SIGTERM and Ctrl-C wait for a write under way, so a finished run is kept).
+Two ``finetune`` may write one results file at once: each write takes the file's lock
+(``.<results>.lock`` beside it, kept) and merges what the other wrote since (its runs, and its
+lines for models this one does not fine-tune) before replacing the file; each also re-reads the
+file before every run and skips a run the other has finished. A model's line (``models``) is
+written only once every run of its grid is in.
 """
 
 from __future__ import annotations
@@ -36,17 +44,18 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
-from ddscore_jax import atomic, cache, data, model, train, zoo
+from ddscore_jax import atomic, cache, data, interrupts, lock, model, train, zoo
+from ddscore_jax.atomic import fault_point
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel, ResNetConfig
 from ddscore_jax.progress import Progress
-from ddscore_jax.settings import check_image_and_batch
+from ddscore_jax.settings import FinetuneSettings
 
 RESULTS_KIND = "ddscore-jax finetune results"
 # 3: a selection split beside the test split; runs record both accuracies and the predictions.
@@ -58,69 +67,16 @@ HELD_OUT = SELECTION  # the held-out folder a DATA of two splits has (older name
 # The cut of valid/ into selection and test halves (when DATA has no test/) does not move with
 # --seed: changing the training seeds must not change which images are tested.
 SPLIT_SEED = 0
-# What a run's record is matched on besides model, data, learning rate and seed: the settings
-# that are not the grid itself, so that widening the grid or adding seeds reuses every run done.
-_GRID_FIELDS = ("learning_rates", "seeds", "seed")
+# The settings class lives with the other commands' (light, so that the CLI parses without JAX).
+Settings = FinetuneSettings
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything that changes a fine-tuned accuracy. A run is reused only if all match."""
-
-    image_size: int = 64
-    batch_size: int = 32
-    epochs: float = 10.0
-    optimizer: train.Optimizer = "adamw"
-    # The grid every model is tried at; its accuracy is that of the best rate (mean over seeds).
-    learning_rates: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 1e-4  # fixed, not searched
-    schedule: train.Schedule = "cosine"
-    clip_norm: float = 1.0
-    flip: bool = False
-    seeds: int = 1  # repeats per learning rate: seeds seed, seed + 1, ...
-    seed: int = 0
-
-    def check(self) -> None:
-        """InputError naming the first bad option."""
-        check_image_and_batch(self.image_size, self.batch_size)
-        if not self.epochs > 0:
-            raise InputError(f"--epochs must be positive, got {self.epochs}")
-        if self.optimizer not in train.OPTIMIZERS:
-            raise InputError(f"--optimizer must be one of {', '.join(train.OPTIMIZERS)}, "
-                             f"got {self.optimizer!r}")
-        if self.schedule not in train.SCHEDULES:
-            raise InputError(f"--schedule must be one of {', '.join(train.SCHEDULES)}, "
-                             f"got {self.schedule!r}")
-        if not self.learning_rates or not all(lr > 0 for lr in self.learning_rates):
-            raise InputError(f"--learning-rate must be positive (one or more), "
-                             f"got {list(self.learning_rates)}")
-        if len(set(self.learning_rates)) != len(self.learning_rates):
-            raise InputError(f"--learning-rate values repeat: {list(self.learning_rates)}")
-        if not 0 <= self.momentum < 1:
-            raise InputError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.clip_norm < 0:
-            raise InputError(f"--clip-norm must be at least 0 (0: no clipping), "
-                             f"got {self.clip_norm}")
-        if self.weight_decay < 0:
-            raise InputError(f"--weight-decay must be at least 0, got {self.weight_decay}")
-        if self.seeds < 1:
-            raise InputError(f"--seeds must be at least 1, got {self.seeds}")
-
-    def recipe(self, learning_rate: float) -> train.Recipe:
-        """The trainer's recipe at one learning rate of the grid."""
-        return train.Recipe(batch_size=self.batch_size, optimizer=self.optimizer,
-                            learning_rate=learning_rate, momentum=self.momentum,
-                            weight_decay=self.weight_decay, schedule=self.schedule,
-                            clip_norm=self.clip_norm, flip=self.flip)
-
-    def run_settings(self) -> dict:
-        """The settings a single run depends on (the grid left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in _GRID_FIELDS}
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "learning_rates": list(self.learning_rates)}
+def recipe(settings: Settings, learning_rate: float) -> train.Recipe:
+    """The trainer's recipe for ``settings`` at one learning rate of the grid."""
+    return train.Recipe(batch_size=settings.batch_size, optimizer=settings.optimizer,
+                        learning_rate=learning_rate, momentum=settings.momentum,
+                        weight_decay=settings.weight_decay, schedule=settings.schedule,
+                        clip_norm=settings.clip_norm, flip=settings.flip)
 
 
 def network(imported: ImportedModel, num_classes: int, *,
@@ -250,6 +206,24 @@ def read_results(path: str | os.PathLike) -> dict:
     return doc
 
 
+def _run_key(r: dict) -> str:
+    """What identifies a run: two runs with one key are the same training, bit for bit."""
+    return json.dumps([r.get(k) for k in ("name", "sha256", "learning_rate", "seed", "settings",
+                                          "train_fingerprint", "held_out_fingerprint")],
+                      sort_keys=True)
+
+
+def _merge(doc: dict, disk: dict, names: set[str]) -> None:
+    """Add to ``doc`` (in place) what another writer put in the results file ``disk`` since
+    ``doc`` was read: runs it does not hold, and lines of models not among ``names`` (the models
+    ``doc``'s writer summarises itself)."""
+    known = {_run_key(r) for r in doc["runs"]}
+    doc["runs"] += [r for r in disk["runs"] if isinstance(r, dict) and _run_key(r) not in known]
+    listed = {m.get("name") for m in doc["models"] if isinstance(m, dict)}
+    doc["models"] += [m for m in disk["models"] if isinstance(m, dict)
+                      and m.get("name") not in names and m.get("name") not in listed]
+
+
 def summarise(entry: zoo.ZooEntry, runs: list[dict], settings: Settings) -> dict:
     """A model's line of the results from its runs (every learning rate x seed of the grid).
 
@@ -311,7 +285,7 @@ def select(entries: list[zoo.ZooEntry], models: Sequence[str] | None,
 
 
 def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
-             results: str | os.PathLike, settings: Settings = Settings(), *,
+             results: str | os.PathLike, settings: Settings = Settings(), *,  # noqa: B008
              progress: Progress | None = None, models: Sequence[str] | None = None) -> dict:
     """Fine-tune every model of ``zoo_dir`` on ``DATA/train`` at every learning rate and seed of
     ``settings``; test each run on the selection and test splits (:func:`scan_split`).
@@ -332,6 +306,9 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     results = Path(results)
     if not results.parent.is_dir():
         raise InputError(f"{results}: folder {results.parent} does not exist")
+    if results.is_dir():
+        raise InputError(f"{results}: --out names a folder; give a file path")
+    atomic.check_writable(results)  # before hours of training, not after the first run
     doc = read_results(results)
     split = scan_split(data_root, choose=len(settings.learning_rates) > 1)
     entries = select(zoo.read_nonempty(zoo_dir), models, zoo_dir)
@@ -381,12 +358,36 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
                 mine.append(summarise(e, runs, settings))
         doc["models"] = sorted(mine, key=lambda m: order[m["name"]]) + kept
 
+    lock_file = results.with_name(f".{results.name}.lock")
+
+    def catch_up() -> None:
+        # Runs another finetune finished in this file meanwhile (the file is replaced
+        # atomically: read without the lock, it is whole).
+        if results.exists():
+            _merge(doc, read_results(results), names)
+
+    def save() -> None:
+        # Merge-on-write under the file's lock: a second writer's runs are never overwritten.
+        with lock.exclusive(lock_file, f"results file {results}"), \
+                interrupts.deferred("the results being written"):
+            # Under the lock no other writer is live: a temporary here is a killed one's.
+            for stale in results.parent.glob(f".{results.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            catch_up()
+            refresh()
+            atomic.write_json_atomic(results, doc, step="results")
+            # Before the deferred signal is raised: the exit line says what this write kept.
+            done = sum(found(e, lr, s) is not None for e in entries for lr, s in grid)
+            interrupts.kept(f"{done} of {len(entries) * len(grid)} fine-tuning run(s) are in "
+                            f"{results}; the next run resumes from there")
+
     todo = [(e, lr, s) for e in entries for lr, s in grid if found(e, lr, s) is None]
     before = json.dumps(doc["models"], sort_keys=True)
     refresh()
+    interrupts.kept(f"nothing new was written to {results}")
     if not todo:
         if json.dumps(doc["models"], sort_keys=True) != before:
-            atomic.write_json_atomic(results, doc)
+            save()
         return doc
 
     cache.enable_compilation_cache()
@@ -401,6 +402,9 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
     steps = train.schedule_length(settings.batch_size, settings.epochs, len(y_train))[1]
     loaded: dict[str, ImportedModel] = {}
     for k, (entry, lr, seed) in enumerate(todo):
+        catch_up()
+        if found(entry, lr, seed) is not None:
+            continue  # another finetune on this file did it meanwhile
         if entry.name not in loaded:
             loaded = {entry.name: zoo.load_model(zoo_dir, entry)}  # one model in memory at a time
         try:
@@ -408,7 +412,7 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
                                                 seed=seed)
         except ValueError as e:
             raise InputError(f"{Path(zoo_dir) / entry.checkpoint}: {e}") from None
-        trainer = train.Trainer(config, settings.recipe(lr))
+        trainer = train.Trainer(config, recipe(settings, lr))
         description = f"fine-tuning {entry.name}, lr {lr:g}, seed {seed} ({k + 1}/{len(todo)})"
         started = time.monotonic()
 
@@ -436,6 +440,6 @@ def finetune(zoo_dir: str | os.PathLike, data_root: str | os.PathLike,
             "settings": run_settings, "train_fingerprint": train_fp,
             "held_out_fingerprint": held_fp, "selection_fingerprint": select_fp,
         })
-        refresh()
-        atomic.write_json_atomic(results, doc)
+        fault_point("finetune:run")
+        save()
     return doc

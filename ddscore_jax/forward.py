@@ -45,8 +45,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddscore_jax import data, model, ort_engine, pipeline
-from ddscore_jax.atomic import atomic_path, fault_point
-from ddscore_jax.cache import PartialFeatures
+from ddscore_jax.atomic import fault_point
+from ddscore_jax.cache import RECORD, PartialFeatures, read_record, write_features
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import SCORE_BLOCKS, ResNetConfig
 from ddscore_jax.progress import Progress
@@ -388,15 +388,12 @@ def extract_features(
     return feats
 
 
-def save_features(path: Path, feats: dict[str, np.ndarray], dataset: data.Dataset) -> None:
-    """Write ``<model>.npz`` (docs/interface.md) atomically: it appears whole or not at all."""
-    arrays = {b: np.asarray(v, np.float32) for b, v in feats.items()}
-    arrays["labels"] = np.asarray(dataset.labels, np.int64)
-    arrays["paths"] = np.array(dataset.paths, dtype=str)
-    arrays["classes"] = np.array(dataset.classes, dtype=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+def save_features(path: Path, feats: dict[str, np.ndarray], dataset: data.Dataset,
+                  settings: dict) -> None:
+    """Write ``<model>.npz`` (docs/interface.md) atomically, with the record of what the features
+    were made from (``settings``: :func:`ddscore_jax.cache.feature_settings`), so that ``score``
+    can refuse a folder mixing settings or data sets."""
+    write_features(path, feats, dataset, settings)
 
 
 @dataclass(frozen=True)
@@ -406,6 +403,7 @@ class FeatureFile:
     labels: np.ndarray
     paths: np.ndarray
     classes: np.ndarray
+    settings: dict | None = None  # what they were made from; None in a file without a record
 
 
 def load_features(path: Path, blocks: Sequence[str] = SCORE_BLOCKS) -> FeatureFile:
@@ -415,6 +413,15 @@ def load_features(path: Path, blocks: Sequence[str] = SCORE_BLOCKS) -> FeatureFi
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001 - zipfile/numpy raise many types for a bad file
         raise InputError(f"{path}: unreadable feature file ({e})") from None
+    settings = None
+    if RECORD in arrays:
+        try:
+            settings, _ = read_record(arrays)
+            if not isinstance(settings, dict):
+                raise TypeError("settings are not an object")
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path}: feature file with an unreadable record of what it was "
+                             f"made from ({type(e).__name__}: {e})") from None
     missing = [k for k in (*blocks, "labels", "paths", "classes") if k not in arrays]
     if missing:
         raise InputError(f"{path}: feature file lacks {', '.join(missing)}")
@@ -423,4 +430,4 @@ def load_features(path: Path, blocks: Sequence[str] = SCORE_BLOCKS) -> FeatureFi
         if arrays[b].ndim != 2 or arrays[b].shape[0] != n:
             raise InputError(f"{path}: {b} has shape {arrays[b].shape}, expected ({n}, d)")
     return FeatureFile(path.stem, {b: arrays[b] for b in blocks}, arrays["labels"],
-                       arrays["paths"], arrays["classes"])
+                       arrays["paths"], arrays["classes"], settings)

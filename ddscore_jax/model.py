@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -410,6 +411,27 @@ class ResNet(nnx.Module):
                 x = block(x, train)
             out["logits"] = self.fc(jnp.mean(x, axis=(1, 2)))
         return out
+
+    @staticmethod
+    def stage_names(config: ResNetConfig, stop_at: int = 2) -> list[str]:
+        """The names :meth:`stages` yields, in order."""
+        return ["conv1", *(f"{s}.{i}" for s, d in zip(STAGES[:2], config.depths, strict=False)
+                           for i in range(d)), *block_names(config, stop_at)]
+
+    def stages(self, x: jax.Array, stop_at: int = 2) -> Iterator[tuple[str, jax.Array]]:
+        """``(name, output)`` of the stem, each layer1/layer2 block and the first ``stop_at``
+        conv4_x blocks, in order (eval mode): where a forward goes wrong, stage by stage."""
+        x = self._stem(x, False)
+        yield "conv1", x
+        for stage in STAGES[:2]:
+            for i, block in enumerate(getattr(self, stage)):
+                x = block(x, False)
+                yield f"{stage}.{i}", x
+        for i, block in enumerate(self.layer3):
+            if i >= stop_at:
+                return
+            x = block(x, False)
+            yield f"{FEATURE_STAGE}.{i}", x
 
     def features(self, x: jax.Array, stop_at: int | None = 2) -> dict[str, jax.Array]:
         """``{"layer3.0": (N, d), "layer3.1": (N, d)}`` (eval mode), stopping after block

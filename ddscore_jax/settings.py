@@ -1,15 +1,20 @@
-"""The options of ``extract``, ``score`` and ``rank``: defaults and validation in one place.
+"""The options of ``extract``, ``score``, ``rank`` and ``finetune``: defaults and validation in one
+place.
 
-Frozen, as :class:`ddscore_jax.finetuning.Settings` is for ``finetune``: the library's keyword
-defaults and the CLI's option defaults are read from these classes, and ``check`` is the one
-validation. ``rank`` is an :class:`ExtractSettings` plus a :class:`ScoreSettings`; its ``--json``
-``settings`` block is :func:`to_json` of the pair.
+Frozen: the library's keyword defaults and the CLI's option defaults are read from these classes,
+and ``check`` is the one validation. ``rank`` is an :class:`ExtractSettings` plus a
+:class:`ScoreSettings`; its ``--json`` ``settings`` block is :func:`to_json` of the pair.
+``finetune``'s are :class:`FinetuneSettings` (``ddscore_jax.finetuning.Settings``).
+
+Light on purpose: the CLI reads its option defaults, choices and help from here while parsing, so
+``--help`` and argument errors answer without importing JAX (nothing here imports more than the
+standard library at module level).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 from ddscore_jax.errors import InputError
@@ -24,6 +29,17 @@ DTYPES: tuple[str, ...] = Dtype.__args__
 # auto: onnxruntime for a float32 forward on CPU when installed, else jax (docs/extraction.md).
 Engine = Literal["auto", "jax", "onnxruntime"]
 ENGINES: tuple[str, ...] = Engine.__args__
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["cosine", "constant"]
+OPTIMIZERS: tuple[str, ...] = Optimizer.__args__
+SCHEDULES: tuple[str, ...] = Schedule.__args__
+
+# The metrics' names in column order, and those that need the source classifier (LEEP, NCE). Their
+# registry is ddscore_jax.metrics.METRICS, which imports JAX: the option checks and --help read
+# these instead, and tests/test_metrics.py checks that the two agree.
+METRIC_NAMES: tuple[str, ...] = ("ddscore", "hscore", "shrinkage_hscore", "logme", "transrate",
+                                 "gbc", "knn", "leep", "nce")
+HEAD_METRICS: tuple[str, ...] = ("leep", "nce")
 
 # Five stride-2 steps reach conv4_x; below 32 px a feature map would vanish.
 MIN_IMAGE_SIZE = 32
@@ -118,3 +134,62 @@ def to_json(score: ScoreSettings, precision: str, extract: ExtractSettings | Non
         out["forward_dtype"] = extract.dtype
         out["forward_engine"] = extract.engine  # as resolved: never "auto"
     return out
+
+
+# What a fine-tuning run's record is matched on besides model, data, learning rate and seed: the
+# settings that are not the grid itself, so that widening the grid or adding seeds reuses every run.
+_GRID_FIELDS = ("learning_rates", "seeds", "seed")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything that changes a fine-tuned accuracy (``finetune``; see
+    :mod:`ddscore_jax.finetuning`). A run is reused only if all match."""
+
+    image_size: int = 64
+    batch_size: int = 32
+    epochs: float = 10.0
+    optimizer: Optimizer = "adamw"
+    # The grid every model is tried at; its accuracy is that of the best rate (mean over seeds).
+    learning_rates: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4  # fixed, not searched
+    schedule: Schedule = "cosine"
+    clip_norm: float = 1.0
+    flip: bool = False
+    seeds: int = 1  # repeats per learning rate: seeds seed, seed + 1, ...
+    seed: int = 0
+
+    def check(self) -> None:
+        """InputError naming the first bad option."""
+        check_image_and_batch(self.image_size, self.batch_size)
+        if not self.epochs > 0:
+            raise InputError(f"--epochs must be positive, got {self.epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.schedule!r}")
+        if not self.learning_rates or not all(lr > 0 for lr in self.learning_rates):
+            raise InputError(f"--learning-rate must be positive (one or more), "
+                             f"got {list(self.learning_rates)}")
+        if len(set(self.learning_rates)) != len(self.learning_rates):
+            raise InputError(f"--learning-rate values repeat: {list(self.learning_rates)}")
+        if not 0 <= self.momentum < 1:
+            raise InputError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.clip_norm < 0:
+            raise InputError(f"--clip-norm must be at least 0 (0: no clipping), "
+                             f"got {self.clip_norm}")
+        if self.weight_decay < 0:
+            raise InputError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        if self.seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {self.seeds}")
+
+    def run_settings(self) -> dict:
+        """The settings a single run depends on (the grid left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _GRID_FIELDS}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "learning_rates": list(self.learning_rates)}

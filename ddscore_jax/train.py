@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +28,7 @@ from flax import nnx
 
 from ddscore_jax import model
 from ddscore_jax.model import ResNetConfig
-
-Optimizer = Literal["sgd", "adamw"]
-Schedule = Literal["cosine", "constant"]
-OPTIMIZERS: tuple[str, ...] = Optimizer.__args__
-SCHEDULES: tuple[str, ...] = Schedule.__args__
+from ddscore_jax.settings import OPTIMIZERS, SCHEDULES, Optimizer, Schedule  # noqa: F401
 
 
 @dataclass(frozen=True)

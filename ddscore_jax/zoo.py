@@ -22,12 +22,14 @@ writing. ``zoo.json`` is re-read under the lock, so two ``convert`` at once both
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ import numpy as np
 from flax import traverse_util
 
 from ddscore_jax import interrupts, lock, model
-from ddscore_jax.atomic import fault_point, write_json_atomic
+from ddscore_jax.atomic import fault_point, make_folder, write_json_atomic
 from ddscore_jax.errors import InputError
 from ddscore_jax.model import ImportedModel, ResNetConfig
 
@@ -110,6 +112,11 @@ def read(zoo: str | os.PathLike, *, allow_missing: bool = False) -> list[ZooEntr
             raise InputError(f"{path}: {e.name!r} is not a usable model name ({NAME_RULE})")
         if e.name in seen:
             raise InputError(f"{path}: the name {e.name!r} appears twice")
+        if e.arch != e.config.name:
+            # The display name is derived from the config (convert writes config.name); an edit
+            # of one without the other would print a wrong architecture in every table.
+            raise InputError(f"{path}: model {e.name!r} has arch {e.arch!r} but its config is "
+                             f"a {e.config.name}; fix arch, or convert the model again")
         seen.add(e.name)
         ckpt = e.checkpoint if isinstance(e.checkpoint, str) else ""
         if not ckpt or os.path.isabs(ckpt) or ".." in Path(ckpt).parts:
@@ -194,7 +201,7 @@ def add(zoo: str | os.PathLike, additions: list[Addition], *, overwrite: bool = 
     if dupes:
         raise InputError(f"{zoo}: several sources would get the name {dupes[0]!r}")
     try:
-        zoo.mkdir(parents=True, exist_ok=True)
+        make_folder(zoo)
     except FileExistsError:
         raise InputError(f"{zoo}: not a folder") from None
     with lock.exclusive(zoo / LOCK_FILE, f"zoo {zoo}"):
@@ -204,7 +211,7 @@ def add(zoo: str | os.PathLike, additions: list[Addition], *, overwrite: bool = 
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 e.add_note(f"nothing was added to {zoo}")
-            _sweep(zoo, quiet=True)  # our own temporaries, right away
+            _sweep_settled(zoo)  # our own temporaries, right away
             raise
         # Committed. The obsolete checkpoints go now; a crash before this ends leaves them, and
         # the journal naming them, to the next sweep.
@@ -233,6 +240,7 @@ def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
     if not todo:
         return []
 
+    _check_space(zoo, todo)
     folder = zoo / CHECKPOINTS
     folder.mkdir(exist_ok=True)
     token = uuid.uuid4().hex[:8]
@@ -248,19 +256,27 @@ def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
         "placed": [f"{CHECKPOINTS}/{f.name}" for f in finals.values()], "obsolete": obsolete},
         step="pending")
     ckpt = _checkpointer()
-    for a in todo:
-        tmp = folder / f".{a.name}.{token}.tmp"
-        tree = traverse_util.unflatten_dict(
-            {k: np.asarray(v, np.float32) for k, v in a.model.state_dict.items()}, sep=".")
-        # Orbax finishes in background threads: a Ctrl-C waits for them rather than leave them
-        # writing while the interpreter shuts down.
-        with interrupts.deferred("the checkpoint being written"):
-            ckpt.save(tmp, tree)
-            fault_point("convert:saving")
-            ckpt.wait_until_finished()
-        fault_point("convert:saved")
-        tmp.rename(finals[a.name])
-        fault_point("convert:placed")
+    try:
+        for a in todo:
+            tmp = folder / f".{a.name}.{token}.tmp"
+            tree = traverse_util.unflatten_dict(
+                {k: np.asarray(v, np.float32) for k, v in a.model.state_dict.items()}, sep=".")
+            # Orbax finishes in background threads: a Ctrl-C waits for them rather than leave
+            # them writing while the interpreter shuts down.
+            with interrupts.deferred("the checkpoint being written"):
+                ckpt.save(tmp, tree)
+                fault_point("convert:saving")
+                ckpt.wait_until_finished()
+            fault_point("convert:saved")
+            tmp.rename(finals[a.name])
+            fault_point("convert:placed")
+    finally:
+        # A failed save (a full disk) raises from the first write that failed while the others
+        # and Orbax's commit thread still run: close() waits for them, so the sweep that follows
+        # removes the temporary folder for good instead of racing with writers recreating it.
+        with interrupts.deferred("the checkpoint writer stopping"), \
+                contextlib.suppress(Exception):
+            ckpt.close()
     for a in todo:
         entries[a.name] = ZooEntry(a.name, a.model.arch, a.model.config,
                                    os.path.relpath(a.source, zoo), a.source_format, a.sha256,
@@ -273,7 +289,35 @@ def _add_locked(zoo: Path, current: list[ZooEntry], additions: list[Addition],
     return [a.name for a in todo]
 
 
-def _sweep(zoo: Path, *, quiet: bool = False) -> None:
+def _check_space(zoo: Path, todo: list[Addition]) -> None:
+    """InputError when the checkpoints cannot fit in the free space of the zoo's file system: a
+    save that would surely fail is not started (a failing one leaves Orbax writing for a while
+    after its error)."""
+    need = sum(np.asarray(v).size * 4 for a in todo for v in a.model.state_dict.values())
+    try:
+        free = shutil.disk_usage(zoo).free
+    except OSError:
+        return
+    if need > free:
+        raise InputError(f"{zoo}: no space left on the device for {', '.join(a.name for a in todo)}"
+                         f" ({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free; free some "
+                         "space or choose another location)")
+
+
+def _sweep_settled(zoo: Path, rounds: int = 50, pause: float = 0.1) -> None:
+    """Sweep after a failed update until nothing reappears: tensorstore's writes that were in
+    flight when the first one failed (a full disk) may still create files in the temporary
+    checkpoint after Orbax has raised and been closed. Stops after two quiet rounds (or
+    ``rounds``)."""
+    quiet = 0
+    for _ in range(rounds):
+        quiet = quiet + 1 if _sweep(zoo, quiet=True) == 0 else 0
+        if quiet >= 2:
+            return
+        time.sleep(pause)
+
+
+def _sweep(zoo: Path, *, quiet: bool = False) -> int:
     """Remove what interrupted writers left in the zoo: temporaries, and the folders the journal
     names that ``zoo.json`` does not. Call with the zoo's lock held: no live writer exists then,
     so all of it is stale."""
@@ -295,8 +339,14 @@ def _sweep(zoo: Path, *, quiet: bool = False) -> None:
         pending.unlink()
     for p in folder.iterdir() if folder.is_dir() else ():
         if _TEMPORARY.match(p.name):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            # ignore_errors: a failed save's last writes may still be landing in it (see
+            # _sweep_settled); what they leave is removed by the next round.
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() \
+                else p.unlink(missing_ok=True)
             removed.append(p.name)
+    if folder.is_dir() and not any(folder.iterdir()):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # made by an update that placed nothing (a full disk)
     for pattern in (f".{ZOO_FILE}.*.tmp", f".{PENDING}.*.tmp"):
         for p in zoo.glob(pattern):
             p.unlink()
@@ -305,3 +355,4 @@ def _sweep(zoo: Path, *, quiet: bool = False) -> None:
         log.warning("%s: removed %d leftover(s) of an interrupted convert (%s)", zoo,
                     len(removed), ", ".join(sorted(removed)[:3]) + (", ..." if len(removed) > 3
                                                                    else ""))
+    return len(removed)

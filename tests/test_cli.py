@@ -377,7 +377,8 @@ def test_every_option_default_and_choice_is_its_settings_objects():
     from ddscore_jax.cli.app import app
 
     commands = typer.main.get_command(app).commands
-    plumbing = {"zoo_dir", "data_root", "out", "json_out", "cache_dir", "no_cache", "feats",
+    plumbing = {"zoo_dir", "data_root", "out", "json_out", "csv_out", "quiet", "cache_dir",
+                "no_cache", "feats",
                 "files", "figure", "no_figure", "models", "top", "ranking"}
     # (settings class, {field: option} where the names differ, fields the CLI does not expose)
     built_from = {

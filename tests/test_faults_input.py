@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import error_line, save_pth, torch_resnet, write_image_folder
+from helpers import cli_in_process, error_line, save_pth, snapshot, torch_resnet, write_image_folder
 
 from ddscore_jax import api, data
-from ddscore_jax.cache import dataset_fingerprint
+from ddscore_jax import zoo as zoo_lib
+from ddscore_jax.cache import FEATURES_VERSION, checkpoint_fingerprint, dataset_fingerprint
 from ddscore_jax.converters import load_checkpoint
 from ddscore_jax.errors import InputError, environment_message
-from ddscore_jax.forward import save_features
+from ddscore_jax.forward import load_features, save_features
 
 
 @contextlib.contextmanager
@@ -82,7 +83,7 @@ def test_undecodable_names_read_and_reported_readably(tmp_path):
     assert np.isfinite(pixels).all()
     dataset_fingerprint(ds)  # hashed as raw bytes, no UnicodeEncodeError
     feats = {"layer3.0": np.ones((len(ds), 4)), "layer3.1": np.ones((len(ds), 4))}
-    save_features(tmp_path / "f" / "m.npz", feats, ds)
+    save_features(tmp_path / "f" / "m.npz", feats, ds, made_from("m"))
     with np.load(tmp_path / "f" / "m.npz") as z:
         assert len(z["paths"]) == len(ds)
 
@@ -142,12 +143,18 @@ def test_converter_messages_name_wrong_dtype_and_unexpected_tensor(tmp_path, sta
         load_checkpoint(tmp_path / "extra.pth")
 
 
+def made_from(name: str) -> dict:
+    """A feature file's record (cache.feature_settings) for features made up by a test."""
+    return {"version": FEATURES_VERSION, "model_sha256": name, "checkpoint": name,
+            "data": "made-up", "image_size": 32, "dtype": "float32", "engine": "jax"}
+
+
 def _feature_folder(folder: Path, models: dict[str, np.ndarray], labels, tmp_path) -> Path:
     root = write_image_folder(tmp_path / "imgs", per_class=1, size=(8, 8))
     ds = data.Dataset(root, tuple(f"x{i}.png" for i in range(len(labels))),
                       np.asarray(labels, np.int64), ("a", "b", "c"))
     for name, f in models.items():
-        save_features(folder / f"{name}.npz", {"layer3.0": f, "layer3.1": f}, ds)
+        save_features(folder / f"{name}.npz", {"layer3.0": f, "layer3.1": f}, ds, made_from(name))
     return folder
 
 
@@ -322,6 +329,196 @@ def test_edited_zoo_arch_is_one_line(zoo, tmp_path):
     r = _cli("rank", edited, data_root, "--image-size", "32", "--no-cache")
     assert r.returncode == 2 and _error_lines(r) == 1, r.stderr
     assert error_line(r).startswith("error: "), r.stderr
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
+def test_zoo_arch_that_disagrees_with_its_config_is_refused(zoo, tmp_path, arch):
+    edited = tmp_path / "zoo"
+    shutil.copytree(zoo / "zoo", edited)
+    doc = json.loads((edited / "zoo.json").read_text())
+    doc["models"][0]["arch"] = arch  # edited by hand: the config still says resnet18
+    (edited / "zoo.json").write_text(json.dumps(doc))
+    data_root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
+    for args in (("zoo", "list", edited), ("rank", edited, data_root, "--no-cache")):
+        r = cli_in_process(*args)
+        assert r.returncode == 2, r.stderr
+        assert error_line(r) == (f"error: {edited / 'zoo.json'}: model 'm' has arch '{arch}' but "
+                                 "its config is a resnet18; fix arch, or convert the model again")
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature files record what they were made from; score refuses a mix
+
+
+@pytest.fixture(scope="module")
+def extracted(zoo, tmp_path_factory):
+    """``extract`` of the one-model zoo with each setting: {setting: folder with m.npz}."""
+    root = tmp_path_factory.mktemp("extracted")
+    data_root = write_image_folder(root / "data", per_class=2, size=(32, 32))
+    other = write_image_folder(root / "other", per_class=2, size=(32, 32), seed=7)  # same names
+    made = {}
+    for key, kw, images in (("base", {}, data_root), ("size48", {"image_size": 48}, data_root),
+                            ("other_data", {}, other),
+                            ("onnxruntime", {"engine": "onnxruntime"}, data_root)):
+        kw = {"image_size": 32, "batch_size": 4, "engine": "jax", **kw}
+        made[key] = root / key
+        api.extract(zoo / "zoo", images, made[key], **kw)
+    return made
+
+
+def _mix(extracted: dict[str, Path], other: str, dest: Path) -> Path:
+    dest.mkdir()
+    shutil.copy(extracted["base"] / "m.npz", dest / "a.npz")
+    shutil.copy(extracted[other] / "m.npz", dest / "b.npz")
+    return dest
+
+
+@pytest.mark.parametrize(("other", "differs"), [
+    ("size48", "--image-size: 32 and 48"),
+    ("onnxruntime", "--engine: jax and onnxruntime"),
+    ("other_data", "data set (image names, labels, sizes or modification times)"),
+])
+def test_score_refuses_features_made_differently(extracted, tmp_path, other, differs):
+    mixed = _mix(extracted, other, tmp_path / "mixed")
+    r = cli_in_process("score", mixed)
+    assert r.returncode == 2, r.stderr
+    assert error_line(r) == (f"error: {mixed / 'a.npz'} and {mixed / 'b.npz'}: features made "
+                             f"with a different {differs}; extract every model with one setting "
+                             "on one data set into its own folder")
+    # The same two files side by side with one setting: ranked.
+    same = tmp_path / "same"
+    same.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(extracted[other] / "m.npz", same / f"{name}.npz")
+    assert cli_in_process("score", same).returncode == 0
+
+
+def test_score_refuses_a_relabelled_feature_file(extracted, tmp_path):
+    mixed = _mix(extracted, "base", tmp_path / "mixed")
+    with np.load(mixed / "b.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["classes"] = np.array(["x", "y", "z"])  # the record still names the real data set
+    np.savez(mixed / "b.npz", **arrays)
+    r = cli_in_process("score", mixed)
+    assert r.returncode == 2
+    assert error_line(r).endswith("features of different data sets (their classes differ)")
+
+
+def test_feature_file_without_a_record_is_refused(extracted, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    with np.load(extracted["base"] / "m.npz") as z:  # as an older ddscore-jax wrote it
+        np.savez(old / "m.npz", **{k: z[k] for k in z.files if k != "cache_meta"})
+    r = cli_in_process("score", old)
+    assert r.returncode == 2
+    assert error_line(r) == (f"error: {old / 'm.npz'}: feature file carries no record of what "
+                             "it was made from (an older ddscore-jax wrote it); extract it again "
+                             "with `ddscore-jax extract`")
+
+
+def test_extract_records_what_the_features_were_made_from(extracted, zoo):
+    [entry] = zoo_lib.read(zoo / "zoo")
+    f = load_features(extracted["size48"] / "m.npz")
+    assert f.settings == {"version": FEATURES_VERSION, "model_sha256": entry.sha256,
+                          "checkpoint": checkpoint_fingerprint(zoo / "zoo", entry.checkpoint),
+                          "data": f.settings["data"], "image_size": 48, "dtype": "float32",
+                          "engine": "jax"}
+    assert f.settings["data"] == load_features(extracted["base"] / "m.npz").settings["data"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights that overflow in the forward; a full disk under convert
+
+
+def test_weights_that_overflow_are_refused_at_convert(tmp_path):
+    import torch
+
+    sd = torch_resnet("resnet18", 3).state_dict()
+    sd["conv1.weight"] = sd["conv1.weight"] * 1e38  # finite in the file, not after conv1
+    torch.save(sd, tmp_path / "overflow.pth")
+    r = cli_in_process("convert", tmp_path / "overflow.pth", "--zoo", tmp_path / "zoo")
+    assert r.returncode == 2, r.stderr
+    assert re.fullmatch(
+        rf"error: {re.escape(str(tmp_path))}/overflow\.pth: the forward overflows: "
+        r"(conv1|layer\d\.\d)'s output is not finite .*", error_line(r)), r.stderr
+    assert not (tmp_path / "zoo").exists()
+
+
+def _zoo_at_rest_or_nothing(zoo_dir: Path, before: dict | None) -> None:
+    if before is None:  # a new zoo: its folder and lock, nothing else
+        assert sorted(p.name for p in zoo_dir.iterdir()) == [".ddscore-jax.lock"]
+    else:
+        assert snapshot(zoo_dir) == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_full_disk_under_convert_is_one_line_and_leaves_nothing(zoo, tmp_path, mounts, existing):
+    disk = tmp_path / "disk"
+    assert _tmpfs(disk, "64m" if existing else "2m"), "mounting a tmpfs failed"
+    mounts.append(disk)
+    zoo_dir = disk / "zoo"
+    if existing:
+        shutil.copytree(zoo / "zoo", zoo_dir)
+        _fill(disk)
+        free = shutil.disk_usage(disk).free
+        os.truncate(disk / "filler", os.path.getsize(disk / "filler") - (2 << 20) + free)
+    before = snapshot(zoo_dir)
+    r = _cli("convert", zoo / "m.pth", "--name", "other", "--zoo", zoo_dir, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.fullmatch(rf"error: {re.escape(str(zoo_dir))}: no space left on the device for "
+                        r"other \(44\.\d MB needed, 2\.\d MB free; .*\)", error_line(r))
+    _zoo_at_rest_or_nothing(zoo_dir, before)
+
+
+@pytest.mark.parametrize("trial", [0, *(pytest.param(t, marks=pytest.mark.slow) for t in (1, 2))])
+def test_a_write_that_fails_halfway_under_convert_is_one_line(zoo, tmp_path, trial):
+    # Enough free space, but a file-size limit (EFBIG): Orbax fails halfway, its other writes
+    # still in flight; they used to print tracebacks and recreate the temporary folder.
+    zoo_dir = tmp_path / "zoo"
+    r = _cli("convert", zoo / "m.pth", "--zoo", zoo_dir, fsize=4 << 20, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert error_line(r) == (f"error: {zoo_dir}: file too large for this file system or limit "
+                             "(free some space or choose another location)")
+    _zoo_at_rest_or_nothing(zoo_dir, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs in a folder that refuses new files (/proc): the user's path, exit 2
+
+
+def test_outputs_where_the_folder_refuses_files(zoo, feats, tmp_path):
+    data_root = write_image_folder(tmp_path / "d", per_class=2, size=(32, 32))
+    fine = tmp_path / "fine"
+    for part in ("train", "valid"):
+        write_image_folder(fine / part, per_class=2, size=(32, 32))
+    zoo_dir = zoo / "zoo"
+    cases = [
+        (("score", feats, "--json", "/proc/r.json"), "/proc/r.json"),
+        (("rank", zoo_dir, data_root, "--image-size", "32", "--json", "/proc/r.json"),
+         "/proc/r.json"),
+        (("zoo", "list", zoo_dir, "--json", "/proc/r.json"), "/proc/r.json"),
+        (("extract", zoo_dir, data_root, "--out", "/proc/x"), "/proc/x"),
+        (("extract", zoo_dir, data_root, "--out", "/proc"), "/proc/m.npz"),
+        (("rank", zoo_dir, data_root, "--figure", "/proc/f.png"), "/proc/f.png"),
+        (("convert", zoo / "m.pth", "--zoo", "/proc/z"), "/proc/z"),
+        (("finetune", zoo_dir, fine, "--out", "/proc/r.json"), "/proc/r.json"),
+        (("finetune", zoo_dir, fine, "--out", tmp_path / "ft.json", "--json", "/proc/r.json"),
+         "/proc/r.json"),
+        (("demo", "--cache-dir", "/proc/c"), "/proc/c"),
+    ]
+    for args, named in cases:
+        r = cli_in_process(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert error_line(r) == (f"error: {named}: cannot be created: folder /proc refuses new "
+                                 "files (choose another location)"), (args, r.stderr)
+    assert not (tmp_path / "ft.json").exists()  # refused before any training
+    # A cache folder that refuses files: rank goes on without the cache, and says so.
+    r = _cli("rank", zoo_dir, data_root, "--image-size", "32", "--cache-dir", "/proc/c")
+    assert r.returncode == 0, r.stderr
+    assert "/proc/c: cannot write the feature cache (no such file or directory); ranking " \
+        "without it" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,6 +106,21 @@ def test_summarise_ties_ranks_and_leader():
     assert u["a"].rank_interval == (1, 1) == u["a_copy"].rank_interval
     assert u["a"].tied_with_best and u["a_copy"].tied_with_best and not u["c"].tied_with_best
     assert u["c"].rank_interval == (3, 3) and u["c"].p_best == 0.0
+    # The interval is the replicates' spread, centred on the point score by their median.
     lo, hi = u["c"].interval
-    assert np.quantile(reps["c"], 0.025) == pytest.approx(lo)
-    assert np.quantile(reps["c"], 0.975) == pytest.approx(hi)
+    centred = reps["c"] - np.median(reps["c"])
+    assert np.quantile(centred, 0.025) == pytest.approx(lo)
+    assert np.quantile(centred, 0.975) == pytest.approx(hi)
+
+
+def test_summarise_removes_each_models_own_offset():
+    # Replicates offset from the point score by a different amount per model (as a metric
+    # biased on repeated images gives): ranks and P(best) follow the points, not the offsets.
+    rng = np.random.default_rng(4)
+    noise = rng.normal(size=(2, 400)) * 0.002
+    reps = {"a": 1.0 + 0.05 + noise[0], "b": 0.98 + 0.30 + noise[1]}
+    u = resample.summarise(reps, {"a": 1.0, "b": 0.98})
+    assert u["a"].p_best == 1.0 and u["b"].p_best == 0.0
+    assert u["a"].rank_interval == (1, 1) and not u["b"].tied_with_best
+    for name, point in (("a", 1.0), ("b", 0.98)):
+        assert u[name].interval[0] < point < u[name].interval[1]

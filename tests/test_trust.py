@@ -266,7 +266,7 @@ def test_evaluate_cli_two_targets_with_seeds(tmp_path):
             assert all(x["seeds"] == 3 for x in m["models"])
     mean = doc["mean_over_targets"]["ddscore"]["weighted_tau"]
     assert mean["interval"][0] <= mean["mean"] <= mean["interval"][1]
-    assert "mean over 2 targets" in run.stderr
+    assert "mean over 2 targets" in run.stderr  # --json - holds stdout: the tables go to stderr
     assert sorted(p.name for p in figures.iterdir()) == ["pcb.png", "tiles.png"]
     assert doc["figures"] == [str(figures / "tiles.png"), str(figures / "pcb.png")]
 
@@ -289,7 +289,7 @@ def test_reads_rank_json_and_multi_metric_files(tmp_path):
                                                 "leep": {"score": -1.0}}}]}
     acc = {"kind": ft.RESULTS_KIND, "models": [
         {"name": "a", "held_out_accuracy": 0.9}, {"name": "b", "held_out_accuracy": 0.7},
-        {"name": "c", "held_out_accuracy": 0.8}, {"name": "z", "held_out_accuracy": 0.1}],
+        {"name": "c", "held_out_accuracy": 0.8}],
         "dataset": {"root": str(tmp_path / "data"),
                     "held_out": {"root": str(tmp_path / "data" / "valid")}}}
     result = ev.evaluate([_write(tmp_path / "rank.json", rank_doc),
@@ -315,7 +315,9 @@ def test_reads_rank_json_and_multi_metric_files(tmp_path):
             ev.evaluate([_write(tmp_path / "leak.json", doc)], tmp_path / "acc.json")
     with pytest.raises(InputError, match="not a scores file"):
         ev.evaluate([_write(tmp_path / "bad.json", {"models": []})], tmp_path / "acc.json")
-    with pytest.raises(InputError, match="no model of metric"):
+    # Scores and accuracies of different models (issue 18: refused, not left out).
+    with pytest.raises(InputError, match="models scored but not fine-tuned: a, b, c; models "
+                                         "fine-tuned but not scored: q"):
         ev.evaluate([tmp_path / "rank.json"], _write(tmp_path / "other.json", {"q": 0.5}))
 
 
@@ -400,7 +402,7 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
         assert m["settings"]["image_size"] == 32 and m["settings"]["optimizer"] == "adamw"
     assert doc["dataset"]["train"]["n_images"] == 33
     assert doc["dataset"]["held_out"]["root"] == str((data / "valid").resolve())
-    assert "fresh" in first.stderr  # the table says which models had no layer4
+    assert "fresh" in first.stderr  # the table (on stderr: --json -) says which had no layer4
 
     # Everything done: nothing is recomputed, the file is not even rewritten.
     before = results.read_bytes()
@@ -439,7 +441,7 @@ def test_finetune_writes_resumes_and_evaluates(workspace, tmp_path):
     expect = stats.kendalltau(s, a).statistic if len(set(a)) > 1 else None
     assert row["kendall_tau"] == (pytest.approx(expect) if expect is not None else None)
     assert row["rel@1"] == a[0] / max(a)
-    assert "tau_w" in evaluated.stderr and "D-deepscore" in evaluated.stderr
+    assert "tau_w" in evaluated.stderr and "D-deepscore" in evaluated.stderr  # --json -
     assert out["figure"] == str(figure)
     with Image.open(figure) as img:
         img.verify()
