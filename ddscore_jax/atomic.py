@@ -91,17 +91,22 @@ def make_folder(path: str | os.PathLike) -> Path:
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now, before any work, when ``path``'s folder cannot take a new file: create a
     temporary there and remove it. InputError or the OSError, naming ``path``."""
-    path = Path(path)
+    fd, tmp = _temporary(Path(path))
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (``mkstemp``'s pair). InputError or the OSError,
+    naming ``path``'s folder, when the folder refuses it (read-only, full, forbidden)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         err = refused(path, e)
         if err is not None:
             raise err from None
         e.filename = str(path.parent)
         raise
-    os.close(fd)
-    os.unlink(tmp)
 
 
 @contextmanager
@@ -114,14 +119,7 @@ def atomic_path(path: str | os.PathLike, *, step: str = "file") -> Iterator[Path
     ``<step>:replaced`` (renamed, folder not yet synced).
     """
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        err = refused(path, e)
-        if err is not None:
-            raise err from None
-        e.filename = str(path.parent)  # the folder refused the file (read-only, full, forbidden)
-        raise
+    fd, tmp = _temporary(path)
     os.close(fd)
     try:
         yield Path(tmp)

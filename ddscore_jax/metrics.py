@@ -639,6 +639,30 @@ def compute(names: Sequence[str], x: np.ndarray, labels: np.ndarray, *,
     return _run(names, x, labels, precision, progress)
 
 
+def stacked_features(features: Mapping[str, Mapping[str, np.ndarray]], blocks: Sequence[str],
+                     idx: np.ndarray) -> list[tuple[list[str], np.ndarray]]:
+    """The rows ``idx`` of every model's ``blocks``, one (models, blocks, n, d) stack per feature
+    shape (a zoo may mix ResNet18 and ResNet50), with the models' names in stack order."""
+    groups: dict[tuple, list[str]] = {}
+    for name in features:
+        groups.setdefault(tuple(np.shape(features[name][b]) for b in blocks), []).append(name)
+    return [(names, np.stack([np.stack([np.asarray(features[m][b])[idx] for b in blocks])
+                              for m in names])) for names in groups.values()]
+
+
+def stacked_probs(head_probs: Mapping[str, np.ndarray | None] | None,
+                  idx: np.ndarray) -> tuple[list[str], np.ndarray | None]:
+    """The rows ``idx`` of the source heads' probabilities of the models that have one, as one
+    (models, n, Z) stack (None when none has), with their names in stack order."""
+    probs = {n: p for n, p in (head_probs or {}).items() if p is not None}
+    if not probs:
+        return [], None
+    chosen = [_check_probs(p)[idx] for p in probs.values()]
+    width = max(p.shape[1] for p in chosen)
+    # Zero columns are source classes nobody predicts: they change neither LEEP nor NCE.
+    return list(probs), np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in chosen])
+
+
 def score_all(
     features: Mapping[str, Mapping[str, np.ndarray]],
     labels: np.ndarray,
@@ -669,14 +693,7 @@ def score_all(
     feature_metrics = tuple(m for m in metrics if not METRICS[m].needs_head)
     head_metrics = tuple(m for m in metrics if METRICS[m].needs_head)
     if feature_metrics and features:
-        # One stack per feature shape (a zoo may mix ResNet18 and ResNet50).
-        groups: dict[tuple, list[str]] = {}
-        for name in features:
-            shape = tuple(np.shape(features[name][b]) for b in blocks)
-            groups.setdefault(shape, []).append(name)
-        for names in groups.values():
-            stacked = np.stack([np.stack([np.asarray(features[m][b])[idx] for b in blocks])
-                                for m in names])
+        for names, stacked in stacked_features(features, blocks, idx):
             values = _run(feature_metrics, stacked, labels[idx], precision, progress)
             for metric in feature_metrics:
                 for i, name in enumerate(names):
@@ -684,13 +701,8 @@ def score_all(
                     out[metric][name] = ModelScore(
                         name, float(np.mean(per_block)),
                         {b: float(per_block[j]) for j, b in enumerate(blocks)})
-    probs = {n: p for n, p in (head_probs or {}).items() if p is not None}
-    if head_metrics and probs:
-        names = list(probs)
-        chosen = [_check_probs(probs[name])[idx] for name in names]
-        width = max(p.shape[1] for p in chosen)
-        # Zero columns are source classes nobody predicts: they change neither LEEP nor NCE.
-        stacked = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in chosen])
+    names, stacked = stacked_probs(head_probs if head_metrics else None, idx)
+    if names:
         values = _run(head_metrics, stacked, labels[idx], precision, progress)
         for metric in head_metrics:
             for i, name in enumerate(names):

@@ -36,12 +36,13 @@ from ddscore_jax.metrics import (
     METRICS,
     RCOND,
     TRANSRATE_EPS,
-    _check_probs,
     _encode_labels,
     _gbc_from_moments,
     _Labels,
     _logdet_spd,
     _logme_from_spectrum,
+    stacked_features,
+    stacked_probs,
 )
 from ddscore_jax.model import SCORE_BLOCKS
 from ddscore_jax.progress import Progress
@@ -366,23 +367,14 @@ def uncertainty(
     feature_metrics = tuple(m for m in metrics if not METRICS[m].needs_head)
     head_metrics = tuple(m for m in metrics if METRICS[m].needs_head)
     if feature_metrics and features:
-        groups: dict[tuple, list[str]] = {}
-        for name in features:
-            groups.setdefault(tuple(np.shape(features[name][b]) for b in blocks), []).append(name)
-        for names in groups.values():
-            stacked = np.stack([np.stack([np.asarray(features[m][b])[idx] for b in blocks])
-                                for m in names])
+        for names, stacked in stacked_features(features, blocks, idx):
             values = replicate_scores(feature_metrics, stacked, labels[idx], counts,
                                       precision=precision, progress=progress)
             for metric in feature_metrics:
                 for i, name in enumerate(names):
                     per_model[metric][name] = values[metric][i].mean(axis=0)
-    probs = {n: p for n, p in (head_probs or {}).items() if p is not None}
-    if head_metrics and probs:
-        names = list(probs)
-        chosen = [_check_probs(probs[name])[idx] for name in names]
-        width = max(p.shape[1] for p in chosen)
-        stacked = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in chosen])
+    names, stacked = stacked_probs(head_probs if head_metrics else None, idx)
+    if names:
         values = replicate_scores(head_metrics, stacked, labels[idx], counts,
                                   precision=precision, progress=progress)
         for metric in head_metrics:
