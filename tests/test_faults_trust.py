@@ -23,8 +23,10 @@ N_RUNS = 4
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A zoo of two random ResNet18s, a train/valid data set, and the results of one
-    uninterrupted finetune (the reference every interrupted one must end up equal to)."""
+    """A zoo of two random ResNet18s, a train/valid/test data set, and the results of one
+    uninterrupted finetune (the reference every interrupted one must end up equal to). The
+    test/ folder keeps the splits the same whatever grid a command runs (without it, valid/ is
+    halved only when there are rates to choose between)."""
     root = tmp_path_factory.mktemp("faults_trust")
     zoo_dir = root / "zoo"
     config = model.CONFIGS["resnet18"]
@@ -35,6 +37,7 @@ def workspace(tmp_path_factory):
     data = root / "data"
     write_image_folder(data / "train", per_class=2, size=(32, 32), seed=1)
     write_image_folder(data / "valid", per_class=2, size=(32, 32), seed=2)
+    write_image_folder(data / "test", per_class=2, size=(32, 32), seed=3)
     reference = root / "reference.json"
     done = cli("finetune", zoo_dir, data, "--out", reference, *TUNE)
     assert done.returncode == 0, done.stderr
